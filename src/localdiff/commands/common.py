@@ -1,0 +1,81 @@
+"""Argument helpers shared by the sub-commands: data selection, model options, run directories."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import ConfigError
+
+
+def add_data_args(p) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--dataset", metavar="NAME", help="a built-in dataset (mnist, fashion-mnist, digits, ...)")
+    g.add_argument("--data", metavar="PATH", help="your own data: IDX or CIFAR-10 directory, image folder, .npy/.npz")
+    p.add_argument("--split", default="train", help="train, test or all (default: train)")
+    p.add_argument("--resolution", type=int, default=None, help="resize images to RESOLUTION x RESOLUTION")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None, help="convert to 1 or 3 channels")
+    p.add_argument("--subset", type=int, default=None, help="use a seeded random subset of this many images")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the subset (default 0)")
+
+
+def load_data_from_args(args, split: str | None = None):
+    from ..data import load_dataset
+
+    return load_dataset(args.dataset or args.data, split=split or args.split, resolution=args.resolution,
+                        channels=args.channels, subset=args.subset, seed=args.data_seed)
+
+
+def parse_opts(pairs: list[str] | None) -> dict[str, str]:
+    """``["tau=0.005", "temperature=1"]`` -> dict; values stay strings and are typed by the model."""
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--opt expects key=value, got '{pair}'")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def versions() -> dict:
+    import diffusers
+    import numpy
+    import torch
+
+    from .. import __version__
+
+    return {"localdiff": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "numpy": numpy.__version__,
+            "cuda": torch.version.cuda, "platform": platform.platform()}
+
+
+def command_line() -> str:
+    return " ".join(["localdiff", *sys.argv[1:]])
+
+
+@contextmanager
+def new_run_dir(out: str | os.PathLike):
+    """Yield a temporary directory that becomes ``out`` only when the block succeeds.
+
+    ``out`` must not exist: earlier results are never overwritten, and a failed or interrupted run
+    leaves nothing half-written under that name.
+    """
+    out = Path(out)
+    if out.exists():
+        raise ConfigError(f"output directory {out} already exists; choose a new --out (runs are never overwritten)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            raise ConfigError(f"output directory {out} appeared while this run was working; results left in {tmp}")
+        os.replace(tmp, out)
+    except BaseException:
+        if tmp.exists() and not (out.exists() and out.samefile(tmp)):
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise

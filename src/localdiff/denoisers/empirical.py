@@ -1,0 +1,136 @@
+"""Denoisers built from the finite training set itself: the exact empirical optimum and nearest-dataset.
+
+Both use the same weights ``w_k ∝ exp(-||x_t - a y_k||^2 / (2 b2))`` (DESIGN.md §2.3). The
+``||x_t||^2`` term is constant over k and cancels, so the log-weights are computed by one matrix
+product per chunk: ``(a x_t·y_k - a^2 ||y_k||^2 / 2) / b2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+from .base import Denoiser, DenoiserConfig, TrainingSet, register, resolve_dtype
+
+
+def optimal_logits(x: torch.Tensor, y: torch.Tensor, y_sq: torch.Tensor, a: float, b2: float) -> torch.Tensor:
+    """Log-weights ``(a x·y_k - a^2 ||y_k||^2 / 2) / b2`` [B, k] (``-||x - a y_k||^2/(2 b2)`` up to a constant)."""
+    return (a * (x @ y.T) - (0.5 * a * a) * y_sq) / b2
+
+
+@dataclass
+class SoftmaxState:
+    """Mergeable partial state of a max-shifted streamed softmax average ``sum_k w_k v_k``.
+
+    ``m`` is the running maximum logit, ``s = sum exp(l - m)`` and ``acc = sum exp(l - m) v``.
+    ``m`` and ``s`` have shape [B] (one softmax per query) or [B, n] (one per query and pixel).
+    """
+
+    m: torch.Tensor
+    s: torch.Tensor
+    acc: torch.Tensor
+
+    @staticmethod
+    def _b(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return v.unsqueeze(-1) if v.ndim < like.ndim else v
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, values: torch.Tensor) -> "SoftmaxState":
+        """State of one chunk: ``logits`` [B, k] with ``values`` [k, n]."""
+        m = logits.max(dim=1).values
+        e = torch.exp(logits - m.unsqueeze(1))
+        return cls(m, e.sum(dim=1), e @ values)
+
+    def merge(self, other: "SoftmaxState") -> "SoftmaxState":
+        """Combine two partial states: rescale both to the common maximum and add."""
+        m = torch.maximum(self.m, other.m)
+        f1, f2 = torch.exp(self.m - m), torch.exp(other.m - m)
+        return SoftmaxState(m, self.s * f1 + other.s * f2,
+                            self.acc * self._b(f1, self.acc) + other.acc * self._b(f2, other.acc))
+
+    def mean(self) -> torch.Tensor:
+        return self.acc / self._b(self.s, self.acc)
+
+
+@dataclass
+class EmpiricalConfig(DenoiserConfig):
+    chunk: int = 4096  # training images per streamed chunk (the result does not depend on it)
+    dtype: str = "float64"  # arithmetic of the distances; float64 keeps low-noise logits exact
+    resident: bool | None = None  # keep the float training set on the device (default: if it fits)
+
+
+@dataclass
+class OptimalConfig(EmpiricalConfig):
+    top_k: int | None = None  # approximate: average only the top_k largest weights (None = exact)
+
+
+@register("optimal")
+class OptimalDenoiser(Denoiser):
+    """The exact minimiser of the denoising loss on the training set: a softmax average of all images."""
+
+    Config = OptimalConfig
+
+    def __init__(self, data, config: OptimalConfig, schedule=None):
+        super().__init__(data.shape, config, schedule)
+        if config.top_k is not None and config.top_k < 1:
+            raise ConfigError(f"top_k must be a positive integer or None, got {config.top_k}")
+        self.dtype = resolve_dtype(config.dtype)
+        self.train_set = TrainingSet(data, device=self.device, dtype=self.dtype, chunk=config.chunk,
+                                     resident=config.resident)
+
+    def denoise(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        a, b2 = self.schedule.a(t), self.schedule.b2(t)
+        x = x_t.reshape(x_t.shape[0], -1).to(self.dtype)  # [B, n]
+        if self.config.top_k is not None:
+            return self._top_k(x, a, b2).reshape(x_t.shape)
+        state = None
+        for _, y, y_sq in self.train_set:
+            part = SoftmaxState.of(optimal_logits(x, y, y_sq, a, b2), y)
+            state = part if state is None else state.merge(part)
+        return state.mean().reshape(x_t.shape)
+
+    def _top_k(self, x: torch.Tensor, a: float, b2: float) -> torch.Tensor:
+        vals = idx = None
+        for start, y, y_sq in self.train_set:
+            logits = optimal_logits(x, y, y_sq, a, b2)
+            ids = torch.arange(start, start + y.shape[0], device=x.device).expand_as(logits)
+            if vals is not None:
+                logits, ids = torch.cat([vals, logits], 1), torch.cat([idx, ids], 1)
+            k = min(self.config.top_k, logits.shape[1])
+            vals, pos = logits.topk(k, dim=1)
+            idx = ids.gather(1, pos)
+        w = torch.softmax(vals, dim=1)  # [B, k]
+        return torch.einsum("bk,bkn->bn", w, self.train_set.rows(idx))
+
+
+@register("nearest")
+class NearestDenoiser(Denoiser):
+    """The training image with the largest optimal-denoiser weight (nearest to x_t / a)."""
+
+    Config = EmpiricalConfig
+
+    def __init__(self, data, config: EmpiricalConfig, schedule=None):
+        super().__init__(data.shape, config, schedule)
+        self.dtype = resolve_dtype(config.dtype)
+        self.train_set = TrainingSet(data, device=self.device, dtype=self.dtype, chunk=config.chunk,
+                                     resident=config.resident)
+
+    def nearest_index(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        """Index [B] of the training image with the largest weight at timestep t."""
+        a, b2 = self.schedule.a(t), self.schedule.b2(t)
+        x = x_t.reshape(x_t.shape[0], -1).to(device=self.device, dtype=self.dtype)
+        best = best_idx = None
+        for start, y, y_sq in self.train_set:
+            v, i = optimal_logits(x, y, y_sq, a, b2).max(dim=1)
+            i = i + start
+            if best is None:
+                best, best_idx = v, i
+            else:
+                better = v > best
+                best, best_idx = torch.where(better, v, best), torch.where(better, i, best_idx)
+        return best_idx
+
+    def denoise(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        return self.train_set.rows(self.nearest_index(x_t, t)).reshape(x_t.shape)

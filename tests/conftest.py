@@ -1,0 +1,33 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+# Tests never touch the user's cache and stay on two threads (the CI machine has two cores).
+os.environ.setdefault("LOCALDIFF_CACHE", os.path.join(os.path.dirname(__file__), "..", ".localdiff-cache", "tests"))
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def tmp_cache(tmp_path, monkeypatch):
+    d = tmp_path / "cache"
+    monkeypatch.setenv("LOCALDIFF_CACHE", str(d))
+    return d
+
+
+def make_float_dataset(x: np.ndarray, name: str = "synthetic"):
+    from localdiff.data.dataset import ImageDataset
+
+    return ImageDataset(raw=np.ascontiguousarray(x, dtype=np.float32), name=name)
+
+
+@pytest.fixture
+def small_uint8_data():
+    """40 random 1x6x6 uint8 images with some structure (a shared blob plus noise)."""
+    from localdiff.data.dataset import ImageDataset
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, size=(1, 1, 6, 6))
+    x = np.clip(base * 0.5 + rng.integers(0, 128, size=(40, 1, 6, 6)), 0, 255).astype(np.uint8)
+    return ImageDataset(raw=x, name="small")

@@ -91,6 +91,42 @@ class OptimalDenoiser(Denoiser):
             state = part if state is None else state.merge(part)
         return state.mean().reshape(x_t.shape)
 
+    @property
+    def has_closed_form_jacobian(self) -> bool:
+        return self.config.top_k is None
+
+    def jacobian_rows(self, x_t: torch.Tensor, t: int, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` [Q] of ``d x0_hat / d x_t`` at each input, [B, Q, n].
+
+        Closed form: ``(a / b2) * Cov_w(y)``, i.e. row i is
+        ``(a / b2) (sum_k w_k y_k[i] y_k - x0_hat[i] x0_hat)`` (the posterior covariance of the
+        empirical distribution), streamed over the training set like the denoiser itself.
+        """
+        t = self.schedule.check_t(t)
+        a, b2 = self.schedule.a(t), self.schedule.b2(t)
+        x = x_t.reshape(x_t.shape[0], -1).to(device=self.device, dtype=self.dtype)
+        index = torch.as_tensor(index, device=self.device).reshape(-1)
+        m = s = acc0 = acc1 = None
+        for _, y, y_sq in self.train_set:
+            logits = optimal_logits(x, y, y_sq, a, b2)  # [B, k]
+            cm = logits.max(dim=1).values
+            if m is None:
+                m = cm
+                s = torch.zeros_like(cm)
+                acc0 = torch.zeros(x.shape[0], y.shape[1], dtype=x.dtype, device=x.device)
+                acc1 = torch.zeros(x.shape[0], index.numel(), y.shape[1], dtype=x.dtype, device=x.device)
+            new_m = torch.maximum(m, cm)
+            f = torch.exp(m - new_m)
+            e = torch.exp(logits - new_m.unsqueeze(1))  # [B, k]
+            s = s * f + e.sum(1)
+            acc0 = acc0 * f[:, None] + e @ y
+            weighted = e.unsqueeze(2) * y[:, index].unsqueeze(0)  # [B, k, Q]
+            acc1 = acc1 * f[:, None, None] + weighted.transpose(1, 2) @ y  # [B, Q, n]
+            m = new_m
+        mean = acc0 / s[:, None]  # x0_hat [B, n]
+        second = acc1 / s[:, None, None]  # E_w[y_i y] [B, Q, n]
+        return (a / b2) * (second - mean[:, index].unsqueeze(2) * mean.unsqueeze(1))
+
     def _top_k(self, x: torch.Tensor, a: float, b2: float) -> torch.Tensor:
         vals = idx = None
         for start, y, y_sq in self.train_set:

@@ -59,6 +59,17 @@ class WienerDenoiser(Denoiser):
         x = x_t.reshape(x_t.shape[0], -1).to(torch.float64)
         return wiener_apply(self.spectrum, x, a, b2).reshape(x_t.shape)
 
+    has_closed_form_jacobian = True
+
+    def jacobian_rows(self, x_t: torch.Tensor, t: int, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` of the (input-independent) Jacobian, repeated for each input: [B, Q, n]."""
+        t = self.schedule.check_t(t)
+        a, b2 = self.schedule.a(t), self.schedule.b2(t)
+        U = self.spectrum.eigvecs
+        index = torch.as_tensor(index, device=U.device).reshape(-1)
+        rows = (U[index] * wiener_shrinkage(self.spectrum.eigvals, a, b2)) @ U.T  # [Q, n]
+        return rows.unsqueeze(0).expand(x_t.shape[0], -1, -1)
+
     def jacobian(self, t: int) -> torch.Tensor:
         """The exact, input-independent Jacobian [n, n] at timestep t."""
         t = self.schedule.check_t(t)

@@ -1,0 +1,232 @@
+"""Sensitivity fields (Jacobian rows) of any denoiser, and the locality measures computed from them.
+
+The field of output pixel i at timestep t is ``F_i(t) = E_{x_t}[d x0_hat_i / d x_t]`` with x_t drawn
+from the forward process on held-out images (DESIGN.md §3); ``E|d x0_hat_i / d x_t|`` is kept too.
+Closed forms are used where a denoiser provides them (``jacobian_rows``: wiener, optimal, masked);
+every other denoiser goes through autograd, many rows per backward pass (the input batch is
+replicated once per requested row, which is exact because every denoiser treats batch items
+independently). For colour images a pixel's output is the mean over its output channels unless
+``out_channel`` picks one; fields keep one map per input channel ``[C, H, W]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import ConfigError
+
+Pixel = tuple[int, int]
+
+
+def parse_pixels(spec: str | Sequence[Pixel], shape: tuple[int, int, int]) -> list[Pixel]:
+    """``"center"``, ``"all"``, ``"r,c;r,c"`` or a list of (row, col) -> validated list of (row, col)."""
+    _, h, w = shape
+    if isinstance(spec, str):
+        s = spec.strip().lower()
+        if s in ("center", "centre"):
+            return [(h // 2, w // 2)]
+        if s == "all":
+            return [(r, c) for r in range(h) for c in range(w)]
+        try:
+            pixels = [tuple(int(v) for v in part.split(",")) for part in s.split(";") if part.strip()]
+        except ValueError as exc:
+            raise ConfigError(f"pixels must be 'center', 'all' or 'r,c;r,c', got '{spec}'") from exc
+    else:
+        pixels = [tuple(int(v) for v in p) for p in spec]
+    for p in pixels:
+        if len(p) != 2 or not (0 <= p[0] < h and 0 <= p[1] < w):
+            raise ConfigError(f"pixel {p} is not a (row, col) inside the {h}x{w} image")
+    if not pixels:
+        raise ConfigError("no pixels given")
+    return [(int(r), int(c)) for r, c in pixels]
+
+
+def _output_index(pixels: list[Pixel], shape, out_channel) -> torch.Tensor:
+    """Flat output indices [P, Cout] whose mean (over Cout) is each pixel's output."""
+    c, h, w = shape
+    chans = list(range(c)) if out_channel in (None, "mean") else [int(out_channel)]
+    if any(not 0 <= ch < c for ch in chans):
+        raise ConfigError(f"out_channel {out_channel} is outside 0..{c - 1}")
+    return torch.tensor([[ch * h * w + r * w + col for ch in chans] for r, col in pixels], dtype=torch.long)
+
+
+def has_closed_form(den) -> bool:
+    return bool(getattr(den, "has_closed_form_jacobian", False)) and hasattr(den, "jacobian_rows")
+
+
+def jacobian_rows(den, x_t: torch.Tensor, t: int, pixels: list[Pixel], *, method: str = "auto",
+                  out_channel=None, rows_per_pass: int = 64) -> torch.Tensor:
+    """``d x0_hat[pixel] / d x_t`` for each input in ``x_t`` [D, C, H, W] -> [D, P, C, H, W] (float64).
+
+    ``method``: "closed" (the denoiser's own ``jacobian_rows``), "autograd", or "auto" (closed form
+    where one exists). ``rows_per_pass`` bounds how many rows one backward pass computes.
+    """
+    shape = tuple(x_t.shape[1:])
+    index = _output_index(pixels, shape, out_channel)  # [P, Cout]
+    P, Cout = index.shape
+    if method == "auto":
+        method = "closed" if has_closed_form(den) else "autograd"
+    if method == "closed":
+        if not has_closed_form(den):
+            raise ConfigError(f"model '{getattr(den, 'name', den)}' has no closed-form Jacobian; use autograd")
+        rows = den.jacobian_rows(x_t, t, index.reshape(-1))  # [D, P*Cout, n]
+        rows = rows.reshape(x_t.shape[0], P, Cout, -1).mean(dim=2)
+        return rows.reshape(x_t.shape[0], P, *shape).detach().to("cpu", torch.float64)
+    if method != "autograd":
+        raise ConfigError(f"unknown Jacobian method '{method}': use auto, closed or autograd")
+    return _rows_autograd(den, x_t, t, index, rows_per_pass)
+
+
+def _rows_autograd(den, x_t, t, index, rows_per_pass):
+    D = x_t.shape[0]
+    shape = tuple(x_t.shape[1:])
+    P = index.shape[0]
+    per_pass = max(1, rows_per_pass // D)  # pixels per backward pass
+    out = torch.empty(D, P, *shape, dtype=torch.float64)
+    for start in range(0, P, per_pass):
+        group = index[start:start + per_pass]  # [G, Cout]
+        G = group.shape[0]
+        x = x_t.detach().repeat(G, 1, 1, 1).requires_grad_(True)  # [G*D, C, H, W]
+        y = den(x, t).reshape(G, D, -1)  # [G, D, n]
+        sel = torch.stack([y[g][:, group[g]].mean(dim=1) for g in range(G)])  # [G, D]
+        (grad,) = torch.autograd.grad(sel.sum(), x)
+        out[:, start:start + G] = grad.reshape(G, D, *shape).transpose(0, 1).to("cpu", torch.float64)
+    return out
+
+
+def draw_noisy(data, t: int, draws: int, generator: torch.Generator, schedule) -> torch.Tensor:
+    """``draws`` samples of x_t [D, C, H, W]: held-out images (without replacement) through q(x_t | x0)."""
+    idx = torch.randperm(len(data), generator=generator)[:draws]
+    if len(idx) < draws:  # fewer images than draws: cycle through them again
+        idx = idx.repeat((draws + len(idx) - 1) // len(idx))[:draws]
+    x0 = torch.stack([data[int(i)] for i in idx])
+    return schedule.q_sample(x0, t, torch.randn(x0.shape, generator=generator))
+
+
+@dataclass
+class Fields:
+    """Sensitivity fields of one denoiser: ``mean`` and ``abs_mean`` are [T, P, C, H, W]."""
+
+    mean: torch.Tensor
+    abs_mean: torch.Tensor
+    timesteps: list[int]
+    pixels: list[Pixel]
+    draws: int
+    method: str
+    extra: dict = field(default_factory=dict)
+
+
+def sensitivity_fields(den, data, pixels="center", timesteps: Sequence[int] = (100, 300, 500, 700, 900),
+                       draws: int = 16, seed: int = 0, *, method: str = "auto", out_channel=None,
+                       rows_per_pass: int = 64, progress: bool = True) -> Fields:
+    """Average Jacobian rows of ``den`` over ``draws`` noisy held-out images from ``data`` per timestep.
+
+    The draws depend only on ``seed`` and t, so every denoiser analysed with the same seed sees the
+    same x_t (a fair comparison). Input-independent closed forms (Wiener) use one evaluation.
+    """
+    if draws < 1:
+        raise ConfigError(f"draws must be positive, got {draws}")
+    shape = tuple(data.shape)
+    if tuple(getattr(den, "shape", shape)) != shape:
+        raise ConfigError(f"held-out data shape {shape} does not match the denoiser's {den.shape}")
+    pix = parse_pixels(pixels, shape)
+    ts = [den.schedule.check_t(t) for t in timesteps]
+    resolved = method if method != "auto" else ("closed" if has_closed_form(den) else "autograd")
+    input_free = resolved == "closed" and getattr(den, "name", "") == "wiener"
+    means, abss = [], []
+    for t in tqdm(ts, desc=f"fields {getattr(den, 'name', '')}", unit="t", disable=not progress, leave=False):
+        gen = torch.Generator().manual_seed(int(seed) * 1000 + t)
+        x_t = draw_noisy(data, t, 1 if input_free else draws, gen, den.schedule)
+        rows = jacobian_rows(den, x_t, t, pix, method=resolved, out_channel=out_channel,
+                             rows_per_pass=rows_per_pass)  # [D, P, C, H, W]
+        means.append(rows.mean(0))
+        abss.append(rows.abs().mean(0))
+    return Fields(torch.stack(means), torch.stack(abss), ts, pix, draws, resolved)
+
+
+def full_jacobian(den, x_t: torch.Tensor, t: int, *, method: str = "auto", rows_per_pass: int = 256,
+                  out_channel=None) -> torch.Tensor:
+    """All rows at one input ``x_t`` [1, C, H, W] -> [H*W, C, H, W] (one row per output pixel)."""
+    _, _, h, w = x_t.shape
+    pixels = [(r, c) for r in range(h) for c in range(w)]
+    return jacobian_rows(den, x_t, t, pixels, method=method, out_channel=out_channel,
+                         rows_per_pass=rows_per_pass)[0]
+
+
+# -- locality measures -------------------------------------------------------------------------
+
+def _distances(shape, pixel: Pixel) -> np.ndarray:
+    _, h, w = shape
+    rr, cc = np.mgrid[0:h, 0:w]
+    return np.hypot(rr - pixel[0], cc - pixel[1])
+
+
+def energy_radius(fld: np.ndarray, pixel: Pixel, fraction: float) -> float:
+    """Smallest radius around ``pixel`` holding ``fraction`` of the field's energy (sum of squares over channels)."""
+    energy = (np.asarray(fld, dtype=np.float64) ** 2).sum(axis=0)  # [H, W]
+    total = energy.sum()
+    if not total > 0:
+        return float("nan")
+    d = _distances(fld.shape, pixel).ravel()
+    order = np.argsort(d, kind="stable")
+    cum = np.cumsum(energy.ravel()[order]) / total
+    return float(d[order][np.searchsorted(cum, fraction - 1e-12)])
+
+
+def window_energy(fld: np.ndarray, pixel: Pixel, k: int) -> float:
+    """Fraction of the field's energy inside the k x k window centred on ``pixel``."""
+    energy = (np.asarray(fld, dtype=np.float64) ** 2).sum(axis=0)
+    total = energy.sum()
+    if not total > 0:
+        return float("nan")
+    r, c, h = pixel[0], pixel[1], k // 2
+    return float(energy[max(0, r - h): r + h + 1, max(0, c - h): c + h + 1].sum() / total)
+
+
+def cosine(a, b) -> float:
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else float("nan")
+
+
+def locality_measures(fields: Fields, windows: Sequence[int] = (3, 5, 7)) -> dict:
+    """r50, r90 and k x k window energy of each (timestep, pixel) signed mean field."""
+    out: dict = {}
+    for ti, t in enumerate(fields.timesteps):
+        per_t = {}
+        for pi, p in enumerate(fields.pixels):
+            f = fields.mean[ti, pi].numpy()
+            per_t[f"{p[0]},{p[1]}"] = {
+                "r50": energy_radius(f, p, 0.5),
+                "r90": energy_radius(f, p, 0.9),
+                **{f"energy_{k}x{k}": window_energy(f, p, k) for k in windows},
+                "norm": float(np.linalg.norm(f)),
+            }
+        out[str(t)] = per_t
+    return out
+
+
+def field_similarity(fields_by_model: dict[str, Fields]) -> dict:
+    """Cosine similarity of every pair of models' signed mean fields, per timestep (mean over pixels)."""
+    names = list(fields_by_model)
+    out: dict = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            fa, fb = fields_by_model[a], fields_by_model[b]
+            if fa.timesteps != fb.timesteps or fa.pixels != fb.pixels:
+                raise ConfigError(f"fields of {a} and {b} were computed at different timesteps or pixels")
+            out[f"{a}|{b}"] = {
+                str(t): float(np.mean([cosine(fa.mean[ti, pi], fb.mean[ti, pi]) for pi in range(len(fa.pixels))]))
+                for ti, t in enumerate(fa.timesteps)
+            }
+    return out
+
+
+__all__ = ["Fields", "sensitivity_fields", "jacobian_rows", "full_jacobian", "parse_pixels", "draw_noisy",
+           "energy_radius", "window_energy", "cosine", "locality_measures", "field_similarity"]

@@ -154,8 +154,8 @@ class ImageDataset:
         return self.select(idx, note=f"subset(num={num}, seed={seed})")
 
     def describe(self) -> dict:
-        return {"name": self.name, "num": len(self), "shape": list(self.shape),
-                "storage": str(self.raw.dtype), "fingerprint": self.fingerprint, **self.meta}
+        return {**self.meta, "name": self.name, "num_images": len(self), "shape": list(self.shape),
+                "storage": str(self.raw.dtype), "fingerprint": self.fingerprint}
 
 
 def _to_float(raw: np.ndarray, *, device: str | torch.device = "cpu",

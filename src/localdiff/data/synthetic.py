@@ -58,6 +58,6 @@ def gaussian_random_field(num: int = 20000, size: int = 16, *, alpha: float = 3.
         out[start:start + m, 0] = field * std
     clipped = int((np.abs(out) > 1).sum())
     np.clip(out, -1.0, 1.0, out=out)
-    meta = {"source": "synthetic", "kind": "gaussian-random-field", "num": num, "size": size, "alpha": alpha,
+    meta = {"kind": "gaussian-random-field", "num": num, "size": size, "alpha": alpha,
             "anisotropy": anisotropy, "k0": k0, "std": std, "seed": seed, "clipped_values": clipped}
     return ImageDataset(raw=out, name=name, meta=meta)

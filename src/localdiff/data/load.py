@@ -1,0 +1,142 @@
+"""``load_dataset``: one entry point for built-in sets and users' files, with the shared preprocessing
+(split, square resize, channel conversion, seeded subset), every choice recorded in ``meta``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+from .builtin import BUILTINS
+from .dataset import ImageDataset
+from .formats import ACCEPTED_PATHS, RESIZE_METHOD, SPLITS, RawData, read_path, resize_images
+
+BUILTIN_DATASETS: dict[str, str] = {name: b.description for name, b in BUILTINS.items()}
+
+LUMA_601 = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights for R, G, B
+_CHUNK = 4096
+
+
+def load_dataset(
+    name_or_path: str | os.PathLike,
+    *,
+    split: str = "train",
+    resolution: int | None = None,
+    channels: int | None = None,
+    subset: int | None = None,
+    seed: int = 0,
+    **options,
+) -> ImageDataset:
+    """Load a built-in set (a name in ``BUILTIN_DATASETS``) or the images at a path.
+
+    A path may be an MNIST-style IDX directory, a CIFAR-10 python directory, an image folder or a
+    ``.npy``/``.npz`` file (format detected; see ``formats.ACCEPTED_PATHS``). Names take precedence:
+    write "./mnist" for a local folder called "mnist".
+
+    split: "train", "test" or "all" (train followed by test).
+    resolution: resize every image to ``resolution x resolution`` (non-square images are
+        center-cropped to a square first; box filter when shrinking, bilinear when enlarging; uint8
+        stays uint8). For natural-patches it is the crop size instead (default 32).
+    channels: 1 or 3; RGB -> gray by ITU-R BT.601 luma (rounded), gray -> RGB by repetition.
+    subset: keep ``subset`` images chosen by ``ImageDataset.subset(subset, seed)``.
+    seed: seeds the subset and the random built-ins (natural-patches).
+    options: built-in specific (natural-patches: ``num``, crops per split).
+
+    The returned dataset's ``meta`` records the source and every choice, so its fingerprint changes
+    with any of them.
+    """
+    split = _check_options(split, resolution, channels, subset, seed)
+    builtin = _builtin_name(name_or_path)
+    if builtin is not None:
+        spec = BUILTINS[builtin]
+        unknown = sorted(set(options) - set(spec.options))
+        if unknown:
+            raise ConfigError(f"built-in dataset '{builtin}' takes no option(s) {', '.join(unknown)}; it accepts "
+                              f"{', '.join(spec.options) or 'none beyond split, resolution, channels, subset, seed'}")
+        data = spec.load(split, seed, resolution, **options)
+        name, source, seeded = builtin, f"builtin:{builtin}", spec.random
+    else:
+        if options:
+            raise ConfigError(f"option(s) {', '.join(sorted(options))} apply only to built-in datasets; loading "
+                              f"from a path accepts split, resolution, channels, subset and seed")
+        path = Path(name_or_path).expanduser()
+        if not path.exists():
+            raise DataError(f"'{name_or_path}' is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) nor an "
+                            f"existing file or directory.\n{ACCEPTED_PATHS}")
+        path = path.resolve()
+        data = read_path(path, split, resolution=resolution, subset=subset, seed=seed)
+        name, source, seeded = path.stem if path.is_file() else path.name, str(path), False
+    return _finish(data, name=name, source=source, split=split, resolution=resolution, channels=channels,
+                   subset=subset, seed=seed, seeded=seeded)
+
+
+def _builtin_name(name_or_path) -> str | None:
+    if not isinstance(name_or_path, str):
+        return None
+    key = name_or_path.strip().lower().replace("_", "-")
+    return key if key in BUILTINS else None
+
+
+def _check_options(split, resolution, channels, subset, seed) -> str:
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    for what, v in (("resolution", resolution), ("subset", subset)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+            raise ConfigError(f"{what} must be a positive integer or None, got {v!r}")
+    if channels not in (None, 1, 3):
+        raise ConfigError(f"channels must be 1 (gray), 3 (RGB) or None (keep), got {channels!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    return split
+
+
+def _finish(data: RawData, *, name: str, source: str, split: str, resolution: int | None,
+            channels: int | None, subset: int | None, seed: int, seeded: bool) -> ImageDataset:
+    """Apply subset, resize and channel conversion (in that order: cheapest first) and record them."""
+    native = [int(s) for s in data.images.shape[1:]]  # [C, H, W] as read
+    ds = ImageDataset(raw=data.images, name=name, meta={}, labels=data.labels)
+    if subset is not None and not data.subset_done:
+        ds = ds.subset(int(subset), seed)
+    raw, labels = ds.raw, ds.labels
+    resized = None
+    if resolution is not None and not data.resized and tuple(raw.shape[2:]) != (resolution, resolution):
+        raw = resize_images(raw, int(resolution))
+        resized = RESIZE_METHOD
+    elif data.resized:
+        resized = data.meta.get("resize")  # the reader's own record (None: resolution was not a resize)
+    raw, conversion = convert_channels(raw, channels)
+    h, w = raw.shape[2:]
+    meta = {
+        "source": source,
+        **data.meta,
+        "split": split,
+        "native_shape": native,
+        "resolution": int(h) if h == w else [int(h), int(w)],
+        "resize": resized,
+        "channels": int(raw.shape[1]),
+        "channel_conversion": conversion,
+        "subset": None if subset is None else int(subset),
+        # the seed is recorded only where it changed the images, so it never splits caches needlessly
+        "seed": int(seed) if (subset is not None or seeded) else None,
+    }
+    return ImageDataset(raw=raw, name=name, meta=meta, labels=labels)
+
+
+def convert_channels(raw: np.ndarray, channels: int | None) -> tuple[np.ndarray, str | None]:
+    """``[N, C, H, W]`` -> ``[N, channels, H, W]``: RGB -> gray by ITU-R BT.601 luma, gray -> RGB by repetition."""
+    c = raw.shape[1]
+    if channels is None or channels == c:
+        return raw, None
+    if c == 1 and channels == 3:
+        return np.repeat(raw, 3, axis=1), "gray repeated to RGB"
+    if c == 3 and channels == 1:
+        w = np.asarray(LUMA_601, dtype=np.float64)[None, :, None, None]
+        out = np.empty((raw.shape[0], 1, *raw.shape[2:]), dtype=raw.dtype)
+        for s in range(0, raw.shape[0], _CHUNK):
+            y = (raw[s : s + _CHUNK].astype(np.float64) * w).sum(axis=1, keepdims=True)  # Y = .299 R + .587 G + .114 B
+            out[s : s + _CHUNK] = np.clip(np.rint(y), 0, 255) if raw.dtype == np.uint8 else np.clip(y, -1, 1)
+        return out, "ITU-R BT.601 luma (0.299 R + 0.587 G + 0.114 B)"
+    raise ConfigError(f"cannot convert {c}-channel images to {channels} channels (only 1 <-> 3)")

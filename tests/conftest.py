@@ -1,5 +1,9 @@
 import os
 
+# Idle OpenMP threads spin by default; on a busy 2-core machine that makes small torch ops 20-100x
+# slower. Must be set before torch starts its thread pool.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import pytest
 import torch

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"localdiff {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"localdiff {args.command}: interrupted; nothing was written under the output name", file=sys.stderr)
+        print(f"localdiff {args.command}: interrupted", file=sys.stderr)
         return 130
 
 

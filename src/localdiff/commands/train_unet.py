@@ -1,0 +1,167 @@
+"""``localdiff train-unet``: train the U-Net baseline with resumable checkpoints, export it for diffusers.
+
+Run directory layout (``--out``)::
+
+    OUT/checkpoints/step-NNNNNNN/   the newest complete training state (see localdiff.unet.training)
+    OUT/config.json                 \\ the EMA network in diffusers save_pretrained format,
+    OUT/diffusion_pytorch_model.safetensors  / written when training ends
+    OUT/localdiff_unet.json         manifest: command, data, steps, loss, wall time, sha256, schedule
+
+``--resume OUT`` (or one checkpoint inside it) continues a run exactly where its last checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from ..errors import ConfigError
+from .common import add_data_args, command_line, load_data_from_args, versions
+
+# CLI flag -> TrainConfig field, for the recipe options (their defaults come from TRAIN_RECIPES)
+_RECIPE_FLAGS = {"batch_size": "--batch-size", "lr": "--lr", "warmup": "--warmup", "weight_decay": "--weight-decay",
+                 "ema_decay": "--ema-decay", "grad_clip": "--grad-clip", "hflip": "--hflip", "seed": "--seed"}
+_RUNTIME_FLAGS = ("device", "amp", "channels_last", "compile")  # may change when a run is resumed
+
+
+def register(subparsers) -> None:
+    from ..unet.configs import CONFIG_NAMES, TRAIN_RECIPES
+
+    p = subparsers.add_parser(
+        "train-unet", help="train the U-Net baseline (epsilon prediction, DDPM schedule)",
+        description="Train a diffusers UNet2DModel on a dataset with checkpoints every N steps; the EMA weights "
+                    "are exported to --out in diffusers format, ready for --model unet --opt path=OUT.")
+    add_data_args(p)
+    p.add_argument("--config", choices=CONFIG_NAMES, default=None,
+                   help="architecture and recipe: paper (the official baseline; default) or small (CPU-sized)")
+    p.add_argument("--steps", type=int, required=True, help="train until this many optimisation steps in total")
+    p.add_argument("--out", required=True,
+                   help="new run directory (never overwritten; with --resume it may be the run being resumed)")
+    g = p.add_argument_group("recipe (defaults depend on --config; fixed once a run has started)")
+
+    def recipe_help(text: str, field: str) -> str:
+        return f"{text} (" + ", ".join(f"{k}: {getattr(v, field)}" for k, v in TRAIN_RECIPES.items()) + ")"
+
+    g.add_argument("--batch-size", type=int, default=None, help=recipe_help("images per step", "batch_size"))
+    g.add_argument("--lr", type=float, default=None, help=recipe_help("AdamW learning rate after warm-up", "lr"))
+    g.add_argument("--warmup", type=int, default=None, help=recipe_help("linear warm-up steps", "warmup"))
+    g.add_argument("--weight-decay", type=float, default=None, help=recipe_help("AdamW weight decay", "weight_decay"))
+    g.add_argument("--ema-decay", type=float, default=None, help=recipe_help("EMA decay of the weights", "ema_decay"))
+    g.add_argument("--grad-clip", type=float, default=None,
+                   help=recipe_help("max gradient norm, 0 = off", "grad_clip"))
+    g.add_argument("--hflip", action="store_const", const=True, default=None,
+                   help="random horizontal flips (natural images only; off by default)")
+    g.add_argument("--seed", type=int, default=None,
+                   help=recipe_help("seed of weights, data order, noise and dropout", "seed"))
+    r = p.add_argument_group("running")
+    r.add_argument("--checkpoint-every", type=int, default=1000, help="checkpoint every N steps (default 1000)")
+    r.add_argument("--keep-checkpoints", type=int, default=1, help="how many newest checkpoints to keep (0 = all)")
+    r.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue from a run directory (its newest checkpoint) or one checkpoint directory")
+    # Runtime flags: None = not given (a new run takes the TrainConfig default, a resumed run its own setting).
+    r.add_argument("--device", default=None, help="cpu, cuda or auto (default auto; a resumed run keeps its own)")
+    r.add_argument("--compile", action="store_const", const=True, default=None,
+                   help="torch.compile the network (CUDA recommended; compiled dropout draws other random masks)")
+    r.add_argument("--no-amp", dest="amp", action="store_const", const=False, default=None,
+                   help="train in float32 on CUDA instead of bf16 autocast")
+    r.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False, default=None,
+                   help="keep NCHW memory format on CUDA")
+    r.add_argument("--export-dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="dtype of the exported weights (default fp32)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _given(args, names) -> dict:
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
+def _recipe(args, base):
+    """The recipe: ``base`` with the explicitly given recipe and runtime flags replaced."""
+    import dataclasses
+
+    return dataclasses.replace(base, **_given(args, _RECIPE_FLAGS), **_given(args, _RUNTIME_FLAGS))
+
+
+def run(args) -> int:
+    import torch
+
+    from ..unet.configs import TRAIN_RECIPES, unet_config
+    from ..unet.training import TrainingInterrupted, UNetTrainer, find_checkpoint, list_checkpoints
+
+    if args.steps < 1:
+        raise ConfigError(f"--steps must be positive, got {args.steps}")
+    if args.checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every must be positive, got {args.checkpoint_every}")
+    out = Path(args.out)
+    ckpt = find_checkpoint(args.resume) if args.resume else None
+    if ckpt is None and out.exists():
+        raise ConfigError(f"output directory {out} already exists; choose a new --out (runs are never overwritten), "
+                          f"or continue that run with --resume {out}")
+    if ckpt is not None and out.exists() and not (
+            ckpt.parent.name == "checkpoints" and ckpt.parent.parent.resolve() == out.resolve()):
+        raise ConfigError(f"output directory {out} already exists and is not the run being resumed ({ckpt}); "
+                          "choose a new --out to start a new run from that checkpoint")
+
+    data = load_data_from_args(args)
+    created = False
+    if ckpt is None:
+        name = args.config or "paper"
+        model_cfg = unet_config(name, data.shape)
+        train_cfg = _recipe(args, TRAIN_RECIPES[name])
+        trainer = UNetTrainer(data, model_cfg, train_cfg)
+    else:
+        trainer = UNetTrainer.from_checkpoint(ckpt, data, **_given(args, _RUNTIME_FLAGS))
+        _check_resume_flags(args, trainer, data.shape)
+        if args.steps < trainer.step:
+            raise ConfigError(f"the checkpoint is at step {trainer.step}; --steps must be at least that")
+    if trainer.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if not out.exists():
+        out.mkdir(parents=True)
+        created = True
+
+    ckpt_dir = out / "checkpoints"
+    try:
+        trainer.fit(args.steps, checkpoint_dir=ckpt_dir, checkpoint_every=args.checkpoint_every,
+                    keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress, label=command_line())
+    except TrainingInterrupted as exc:
+        where = f"checkpoint {exc.checkpoint}" if exc.checkpoint else "no checkpoint"
+        print(f"localdiff train-unet: {exc.signame} at step {exc.step}; wrote {where}. Continue with the same "
+              f"command plus --resume {out}", file=sys.stderr)
+        return 143 if exc.signame == "SIGTERM" else 130
+    except BaseException as exc:
+        saved = list_checkpoints(ckpt_dir)
+        if created and not saved:
+            shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping under the new name
+        if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: the last periodic checkpoint survives
+            print(f"localdiff train-unet: aborted; "
+                  + (f"the last checkpoint is {saved[-1]}" if saved else "no checkpoint was written"), file=sys.stderr)
+            return 130
+        raise
+    trainer.export(out, dtype=args.export_dtype, extra={
+        "command": command_line(),
+        "commands": [h.get("label") for h in trainer.history],
+        "dataset": data.describe(),
+        "versions": versions(),
+    })
+    loss = f"{trainer.loss_ema:.4f}" if trainer.loss_ema is not None else "n/a"
+    print(f"trained {trainer.step} steps ({trainer.order.epochs:.2f} epochs, loss {loss}, "
+          f"{trainer.total_wall_s:.1f} s); EMA weights exported to {out}")
+    return 0
+
+
+def _check_resume_flags(args, trainer, shape) -> None:
+    """On resume only runtime flags may change; a recipe flag that disagrees with the checkpoint is an error."""
+    from ..unet.configs import unet_config
+
+    if args.config is not None and unet_config(args.config, shape) != trainer.model_config:
+        raise ConfigError(f"--config {args.config} differs from the checkpoint's architecture "
+                          f"{trainer.model_config.to_dict()}; leave --config out when resuming")
+    stored = trainer.config.recipe()
+    for field, flag in _RECIPE_FLAGS.items():
+        value = getattr(args, field)
+        if value is not None and value != stored[field]:
+            raise ConfigError(f"{flag} {value} differs from the checkpoint's {field}={stored[field]}; the recipe of a "
+                              "run cannot change on resume (start a new run instead)")

@@ -1,0 +1,656 @@
+"""Training the U-Net baseline: epsilon-prediction MSE on the DDPM forward process (Ho et al. 2020, Alg. 1).
+
+Everything that makes a run reproducible is explicit state, saved in every checkpoint:
+the weights, AdamW's state, the EMA weights, the data order ``(seed, epoch, position)``, the states of
+the two ``torch.Generator`` s that draw timesteps, noise, flips and dropout seeds, and the step. A run
+resumed from a checkpoint therefore continues exactly as the uninterrupted run would have.
+
+Checkpoint layout (no pickle anywhere; tensors in safetensors, everything else in JSON)::
+
+    <root>/step-0001000/
+        model.safetensors       network weights (float32)
+        ema.safetensors         EMA of the weights (float32)
+        optimizer.safetensors   AdamW tensors, keys "state.<param index>.<name>"
+        rng.safetensors         generator states: "device" (timesteps, noise, flips), "cpu" (dropout seeds)
+        state.json              step, data order, loss statistics, configs, optimizer scalars, history
+
+A checkpoint directory is written as ``.step-XXXXXXX.partial`` and renamed when complete; older ones
+are removed only afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..diffusion import DEFAULT_SCHEDULE, Schedule
+from ..errors import ConfigError, LocaldiffError
+from .configs import TrainConfig, UNetConfig, build_unet
+
+CHECKPOINT_FORMAT = "localdiff-unet-checkpoint/1"
+MANIFEST_FORMAT = "localdiff-unet/1"
+MANIFEST_NAME = "localdiff_unet.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+LOSS_EMA_DECAY = 0.99  # smoothing of the reported loss
+LOG_EVERY = 50  # steps per entry of the loss history (and per device sync on CUDA)
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised by :meth:`UNetTrainer.fit` after Ctrl-C / SIGTERM, once the current step is checkpointed."""
+
+    def __init__(self, step: int, checkpoint: Path | None, signame: str):
+        super().__init__(f"training interrupted by {signame} at step {step}")
+        self.step, self.checkpoint, self.signame = step, checkpoint, signame
+
+
+def _mix(*ints: int) -> int:
+    """A 63-bit seed derived from integers (stable across runs and platforms)."""
+    h = hashlib.sha256(",".join(str(int(i)) for i in ints).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class DataOrder:
+    """Epoch-wise random permutations of ``num`` images; the full state is ``(seed, epoch, position)``."""
+
+    num: int
+    seed: int
+    epoch: int = 0
+    position: int = 0
+    _perm: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _perm_epoch: int = field(default=-1, repr=False, compare=False)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The image order of ``epoch`` [num] (a pure function of seed and epoch)."""
+        if self._perm_epoch != epoch:
+            gen = torch.Generator().manual_seed(_mix(self.seed, epoch))
+            self._perm, self._perm_epoch = torch.randperm(self.num, generator=gen), epoch
+        return self._perm  # type: ignore[return-value]
+
+    def take(self, batch: int) -> torch.Tensor:
+        """The next ``batch`` indices [batch] (CPU int64); a batch may run across an epoch boundary."""
+        parts, need = [], batch
+        while need:
+            k = min(need, self.num - self.position)
+            parts.append(self.permutation(self.epoch)[self.position:self.position + k])
+            self.position += k
+            need -= k
+            if self.position == self.num:
+                self.epoch, self.position = self.epoch + 1, 0
+        return torch.cat(parts)
+
+    @property
+    def epochs(self) -> float:
+        return self.epoch + self.position / self.num
+
+    def state(self) -> dict:
+        return {"num": self.num, "seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+
+def warmup_lr(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of (0-based) ``step``: linear warm-up to ``cfg.lr`` over ``cfg.warmup`` steps, then constant."""
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else cfg.lr
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay after ``step`` updates: ``min(decay, (1 + step) / (10 + step))`` (diffusers' EMAModel)."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+# -- optimizer state without pickle ---------------------------------------------------------------
+
+def _encode_json(v):
+    if isinstance(v, tuple):
+        return {"__tuple__": [_encode_json(x) for x in v]}
+    if isinstance(v, list):
+        return [_encode_json(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _encode_json(x) for k, x in v.items()}
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    raise ConfigError(f"optimizer state holds a value of type {type(v).__name__} that cannot be stored as JSON")
+
+
+def _decode_json(v):
+    if isinstance(v, dict):
+        if set(v) == {"__tuple__"}:
+            return tuple(_decode_json(x) for x in v["__tuple__"])
+        return {k: _decode_json(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_decode_json(x) for x in v]
+    return v
+
+
+def split_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """``optimizer.state_dict()`` -> (tensors for safetensors, JSON-able rest); see :func:`join_optimizer_state`."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for idx, st in sd["state"].items():
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = _encode_json(v)
+    return tensors, {"param_groups": _encode_json(sd["param_groups"]), "state_scalars": scalars}
+
+
+def join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = v
+    for idx, st in rest.get("state_scalars", {}).items():
+        state.setdefault(int(idx), {}).update(_decode_json(st))
+    return {"state": state, "param_groups": _decode_json(rest["param_groups"])}
+
+
+# -- files -----------------------------------------------------------------------------------------
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _readable(path: Path, mode: int = 0o666) -> None:
+    """Give ``path`` the permissions of a normally created file (safetensors and mkdtemp use 0600/0700)."""
+    os.chmod(path, mode & ~_umask())
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform can open directories
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    _readable(path)
+    _fsync_file(path)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ConfigError(f"checkpoint file {path} is missing: an incomplete or foreign checkpoint")
+    return load_file(str(path), device="cpu")
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+    _fsync_file(path)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under ``root`` (``step-N`` directories holding state.json), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / "state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """Resolve ``path`` to one checkpoint: a checkpoint itself, a directory of them (newest), or a run
+    directory with a ``checkpoints/`` folder (newest)."""
+    p = Path(path)
+    if (p / "state.json").is_file():
+        return p
+    for root in (p / "checkpoints", p):
+        ckpts = list_checkpoints(root)
+        if ckpts:
+            return ckpts[-1]
+    if not p.exists():
+        raise ConfigError(f"--resume: {p} does not exist")
+    raise ConfigError(f"--resume: no complete checkpoint in {p}; expected a train-unet run directory (with "
+                      "checkpoints/step-N/), a checkpoints folder, or one step-N checkpoint directory")
+
+
+# -- the trainer -----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _deferred_signals(enabled: bool):
+    """Turn the first SIGINT/SIGTERM into a flag checked between steps; a second Ctrl-C aborts at once."""
+    flag: dict[str, str | None] = {"sig": None}
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        if flag["sig"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["sig"] = signal.Signals(signum).name
+
+    try:
+        for s in previous:
+            signal.signal(s, handler)
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class UNetTrainer:
+    """Trains a diffusers ``UNet2DModel`` to predict the noise: ``E ||eps - eps_theta(x_t, t)||^2``
+    with ``t ~ U{0..T-1}`` and ``x_t = a x0 + sqrt(b2) eps`` from :class:`~localdiff.diffusion.Schedule`.
+
+    AdamW with linear warm-up, global-norm gradient clipping and an EMA of the weights; on CUDA bf16
+    autocast, channels-last and optionally ``torch.compile``. The training images stay resident on the
+    device in their compact form (uint8) and are converted per batch.
+    """
+
+    def __init__(self, data, model_config: UNetConfig, train_config: TrainConfig | None = None,
+                 schedule: Schedule = DEFAULT_SCHEDULE):
+        from ..denoisers.base import resolve_device
+
+        cfg = train_config if train_config is not None else TrainConfig()
+        cfg.validate()
+        model_config.validate()
+        self.data, self.model_config, self.config, self.schedule = data, model_config, cfg, schedule
+        self.device = resolve_device(cfg.device)
+        self.cuda = self.device.type == "cuda"
+        self.amp = cfg.amp and self.cuda
+        self.channels_last = cfg.channels_last and self.cuda
+
+        # Initial weights from the seed, without touching (or depending on) the global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(_mix(cfg.seed, 0))
+            model = build_unet(model_config, data.shape)
+        self.model = model.to(self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ema = [p.detach().clone() for p in self.params]
+        kwargs = {"fused": True} if self.cuda else {}
+        self.optimizer = torch.optim.AdamW(self.params, lr=warmup_lr(0, cfg), weight_decay=cfg.weight_decay, **kwargs)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+
+        self.images = torch.from_numpy(data.raw).to(self.device)  # [N, C, H, W] uint8 or float32, resident
+        self.order = DataOrder(len(data), seed=cfg.seed)
+        self.gen = torch.Generator(device=self.device).manual_seed(_mix(cfg.seed, 1))  # t, noise, flips
+        self.cpu_gen = torch.Generator().manual_seed(_mix(cfg.seed, 2))  # dropout seeds
+        self.sqrt_ab = schedule.alpha_bar.sqrt().to(self.device, torch.float32)  # [T] a_t
+        self.sqrt_1m_ab = (1.0 - schedule.alpha_bar).sqrt().to(self.device, torch.float32)  # [T] sqrt(b2_t)
+
+        self.step = 0
+        self.loss_ema: float | None = None
+        self.loss_log: list[list[float]] = []  # [step, mean loss over the LOG_EVERY steps ending there]
+        self._block = [0.0, 0]  # running sum and count of the current loss-log block
+        self._pending: list[torch.Tensor] = []  # per-step losses not yet read back from the device
+        self.history: list[dict] = []  # one record per fit() segment
+        self._saved_step: int | None = None  # step of the last checkpoint written or loaded
+
+    # -- one optimisation step ------------------------------------------------------------------
+    def _batch(self) -> torch.Tensor:
+        idx = self.order.take(self.config.batch_size).to(self.device, non_blocking=True)
+        x0 = self.images[idx]
+        x0 = x0.to(torch.float32) / 127.5 - 1.0 if x0.dtype == torch.uint8 else x0.to(torch.float32)
+        if self.config.hflip:
+            flip = torch.rand(x0.shape[0], generator=self.gen, device=self.device) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        return x0  # [B, C, H, W] on [-1, 1]
+
+    def loss(self, x0: torch.Tensor) -> torch.Tensor:
+        """The epsilon-prediction loss on a batch ``x0`` [B, C, H, W] (draws t and eps from ``self.gen``)."""
+        B = x0.shape[0]
+        t = torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=self.gen, device=self.device)
+        eps = torch.randn(x0.shape, generator=self.gen, device=self.device, dtype=torch.float32)
+        x_t = self.sqrt_ab[t].view(B, 1, 1, 1) * x0 + self.sqrt_1m_ab[t].view(B, 1, 1, 1) * eps  # q(x_t | x0)
+        if self.channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            eps_hat = self.forward(x_t, t, return_dict=False)[0]
+        return F.mse_loss(eps_hat.float(), eps)
+
+    @contextlib.contextmanager
+    def _seeded_global_rng(self):
+        """Dropout draws from the global RNG: fork it and seed it from ``cpu_gen`` for this step only."""
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.cpu_gen))
+        if self.cuda:
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            with torch.random.fork_rng(devices=[index], device_type="cuda"):
+                torch.default_generator.manual_seed(seed)
+                torch.cuda.default_generators[index].manual_seed(seed)
+                yield
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed)
+                yield
+
+    def train_step(self) -> torch.Tensor:
+        """One step of AdamW + clipping + EMA update; returns the (device) loss."""
+        with self._seeded_global_rng():
+            x0 = self._batch()
+            loss = self.loss(x0)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = warmup_lr(self.step, self.config)
+        self.optimizer.step()
+        self.step += 1
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema, [p.detach() for p in self.params],
+                                 1.0 - ema_decay_at(self.step, self.config.ema_decay))
+        loss = loss.detach()
+        self._pending.append(loss)
+        if len(self._pending) >= 4 * LOG_EVERY:  # callers driving train_step themselves
+            self._flush_losses()
+        return loss
+
+    def _flush_losses(self) -> None:
+        """Read pending losses back (one device sync) and update the loss EMA and history in step order."""
+        if not self._pending:
+            return
+        values = torch.stack(self._pending).cpu().tolist()
+        first = self.step - len(values) + 1
+        self._pending = []
+        for i, v in enumerate(values):
+            if not math.isfinite(v):
+                raise LocaldiffError(f"the training loss became {v} at step {first + i}; lower --lr or check the data")
+            self.loss_ema = v if self.loss_ema is None else LOSS_EMA_DECAY * self.loss_ema + (1 - LOSS_EMA_DECAY) * v
+            self._block[0] += v
+            self._block[1] += 1
+            if (first + i) % LOG_EVERY == 0:
+                self.loss_log.append([first + i, self._block[0] / self._block[1]])
+                self._block = [0.0, 0]
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self, steps: int, *, checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 1000,
+            keep_checkpoints: int = 1, progress: bool = True, handle_signals: bool = True,
+            label: str | None = None, callback: Callable[["UNetTrainer"], None] | None = None) -> "UNetTrainer":
+        """Train until ``self.step == steps``, checkpointing every ``checkpoint_every`` steps and at the end.
+
+        With ``handle_signals`` (main thread only) the first Ctrl-C or SIGTERM lets the current step
+        finish, writes a checkpoint (when ``checkpoint_dir`` is set) and raises :class:`TrainingInterrupted`.
+        ``callback(trainer)`` runs after every step.
+        """
+        from tqdm.auto import tqdm
+
+        if steps < self.step:
+            raise ConfigError(f"the run is already at step {self.step}; --steps must be at least that, got {steps}")
+        if checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every must be a positive number of steps, got {checkpoint_every}")
+        start_step, t0 = self.step, time.perf_counter()
+        record = {"label": label, "start_step": start_step, "end_step": start_step, "wall_s": 0.0,
+                  "device": str(self.device), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.history.append(record)
+        bar = tqdm(total=steps, initial=self.step, desc="train-unet", unit="step", disable=not progress,
+                   dynamic_ncols=True)
+        last_t, last_step = time.perf_counter(), self.step
+
+        def sync_record():
+            now = time.perf_counter()
+            record["end_step"], record["wall_s"] = self.step, now - t0
+            return now
+
+        try:
+            with _deferred_signals(handle_signals) as flag:
+                while self.step < steps:
+                    self.train_step()
+                    bar.update(1)
+                    if callback is not None:
+                        callback(self)
+                    at_ckpt = checkpoint_dir is not None and self.step % checkpoint_every == 0
+                    if self.step % LOG_EVERY == 0 or self.step == steps or at_ckpt or flag["sig"]:
+                        self._flush_losses()
+                        now = time.perf_counter()
+                        rate = (self.step - last_step) * self.config.batch_size / max(now - last_t, 1e-9)
+                        last_t, last_step = now, self.step
+                        bar.set_postfix(loss=f"{self.loss_ema:.4f}", img_s=f"{rate:.0f}", refresh=False)
+                    if flag["sig"]:
+                        sync_record()
+                        path = None
+                        if checkpoint_dir is not None:
+                            path = self.save_checkpoint(checkpoint_dir, keep=keep_checkpoints)
+                        raise TrainingInterrupted(self.step, path, flag["sig"])
+                    if at_ckpt and self.step < steps:
+                        sync_record()
+                        self.save_checkpoint(checkpoint_dir, keep=keep_checkpoints)
+            self._flush_losses()
+            sync_record()
+            if checkpoint_dir is not None and self._saved_step != self.step:
+                self.save_checkpoint(checkpoint_dir, keep=keep_checkpoints)
+        finally:
+            bar.close()
+            sync_record()
+        return self
+
+    @property
+    def total_wall_s(self) -> float:
+        return sum(r["wall_s"] for r in self.history)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self, root: str | os.PathLike, *, keep: int = 1) -> Path:
+        """Write the complete training state to ``root/step-N`` atomically; keep the newest ``keep``."""
+        self._flush_losses()
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / _step_name(self.step)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=root))
+        try:
+            names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+            _save_tensors(self.model.state_dict(), tmp / "model.safetensors")
+            _save_tensors(dict(zip(names, self.ema)), tmp / "ema.safetensors")
+            opt_tensors, opt_rest = split_optimizer_state(self.optimizer.state_dict())
+            _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+            _save_tensors({"device": self.gen.get_state(), "cpu": self.cpu_gen.get_state()}, tmp / "rng.safetensors")
+            _write_json(tmp / "state.json", {
+                "format": CHECKPOINT_FORMAT,
+                "step": self.step,
+                "data_order": self.order.state(),
+                "device_type": self.device.type,
+                "loss_ema": self.loss_ema,
+                "loss_block": self._block,
+                "loss_log": self.loss_log,
+                "history": self.history,
+                "model_config": self.model_config.to_dict(),
+                "train_config": self.config.to_dict(),
+                "schedule": schedule_record(self.schedule),
+                "data": {"name": self.data.name, "fingerprint": self.data.fingerprint, "num": len(self.data),
+                         "shape": list(self.data.shape)},
+                "optimizer": opt_rest,
+            })
+            _fsync_dir(tmp)
+            _readable(tmp, 0o777)
+            stale = None
+            if final.exists():  # a checkpoint of this very step: move it aside, remove it once replaced
+                stale = root / f".{final.name}.stale"
+                shutil.rmtree(stale, ignore_errors=True)
+                os.replace(final, stale)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            if stale is not None:
+                shutil.rmtree(stale, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._saved_step = self.step
+        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, data, *, device: str | None = None,
+                        amp: bool | None = None, channels_last: bool | None = None, compile: bool | None = None,
+                        schedule: Schedule = DEFAULT_SCHEDULE) -> "UNetTrainer":
+        """Rebuild a trainer from a checkpoint (see :func:`find_checkpoint`) on the same ``data``.
+
+        Only the runtime choices (device, amp, channels_last, compile) may change on resume.
+        """
+        ckpt = find_checkpoint(path)
+        state = json.loads((ckpt / "state.json").read_text())
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ConfigError(f"{ckpt} is not a {CHECKPOINT_FORMAT} checkpoint (format {state.get('format')!r})")
+        want = state["data"]
+        if data.fingerprint != want["fingerprint"]:
+            raise ConfigError(
+                f"--resume: the data differ from the checkpoint's ({data.name}, {len(data)} images, fingerprint "
+                f"{data.fingerprint[:12]} vs {want['name']}, {want['num']} images, {want['fingerprint'][:12]}); "
+                "pass the same data options as the original run")
+        if state["schedule"] != schedule_record(schedule):
+            raise ConfigError(f"--resume: the checkpoint was trained with schedule {state['schedule']}")
+        tc = state["train_config"]
+        for key, value in (("device", device), ("amp", amp), ("channels_last", channels_last), ("compile", compile)):
+            if value is not None:
+                tc[key] = value
+        trainer = cls(data, UNetConfig.from_dict(state["model_config"]), TrainConfig.from_dict(tc), schedule)
+        trainer._load_state(ckpt, state)
+        return trainer
+
+    def _load_state(self, ckpt: Path, state: dict) -> None:
+        weights = _load_tensors(ckpt / "model.safetensors")
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise ConfigError(f"checkpoint {ckpt} does not match the model: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+        ema = _load_tensors(ckpt / "ema.safetensors")
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        if sorted(ema) != sorted(names):
+            raise ConfigError(f"checkpoint {ckpt}: EMA weights do not match the model's parameters")
+        with torch.no_grad():
+            for e, n in zip(self.ema, names):
+                e.copy_(ema[n])
+        sd = join_optimizer_state(_load_tensors(ckpt / "optimizer.safetensors"), state["optimizer"])
+        self.optimizer.load_state_dict(sd)
+        for p in self.params:  # keep the optimizer state in the parameters' memory format
+            st = self.optimizer.state.get(p, {})
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+        rng = _load_tensors(ckpt / "rng.safetensors")
+        self.cpu_gen.set_state(rng["cpu"])
+        if state["device_type"] == self.device.type:
+            self.gen.set_state(rng["device"])
+        else:
+            warnings.warn(f"resuming a {state['device_type']} run on {self.device.type}: timesteps and noise now come "
+                          "from a fresh stream, so the result will differ from an uninterrupted run", RuntimeWarning)
+            self.gen.manual_seed(_mix(self.config.seed, 1, state["step"]))
+        order = state["data_order"]
+        self.order = DataOrder(order["num"], order["seed"], order["epoch"], order["position"])
+        self.step = int(state["step"])
+        self.loss_ema = state["loss_ema"]
+        self._block = list(state["loss_block"])
+        self.loss_log = [list(x) for x in state["loss_log"]]
+        self.history = list(state["history"])
+        self._saved_step = self.step
+
+    # -- export ---------------------------------------------------------------------------------
+    def ema_model(self, dtype: torch.dtype = torch.float32):
+        """A fresh ``UNet2DModel`` (CPU, eval mode) holding the EMA weights."""
+        model = build_unet(self.model_config, self.data.shape)
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        sd = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        sd.update({n: e.detach().cpu() for n, e in zip(names, self.ema)})
+        model.load_state_dict({k: v.contiguous() for k, v in sd.items()})
+        if dtype != torch.float32:
+            # diffusers warns about casting with .to(); every module of a UNet2DModel is safe in half precision
+            log = logging.getLogger("diffusers.models.modeling_utils")
+            level = log.level
+            log.setLevel(logging.ERROR)
+            try:
+                model = model.to(dtype)
+            finally:
+                log.setLevel(level)
+        return model.eval()
+
+    def export(self, out: str | os.PathLike, *, dtype: str = "fp32", extra: dict | None = None) -> Path:
+        """Write the EMA network in diffusers format (config.json + diffusion_pytorch_model.safetensors)
+        and the ``localdiff_unet.json`` manifest into ``out``; each file is replaced atomically, the
+        manifest last."""
+        dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+        if dtype not in dtypes:
+            raise ConfigError(f"export dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
+        self._flush_losses()
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".export.", suffix=".partial", dir=out))
+        try:
+            self.ema_model(dtypes[dtype]).save_pretrained(tmp, safe_serialization=True)
+            weights = tmp / WEIGHTS_NAME
+            if not weights.is_file():
+                raise LocaldiffError(f"diffusers did not write {WEIGHTS_NAME} in {tmp}")
+            _readable(weights)
+            _fsync_file(weights)
+            manifest = {
+                "format": MANIFEST_FORMAT,
+                **(extra or {}),
+                "data": {"name": self.data.name, "fingerprint": self.data.fingerprint, "num": len(self.data),
+                         "shape": list(self.data.shape)},
+                "steps": self.step,
+                "epochs": self.order.epochs,
+                "final_loss": self.loss_ema,
+                "loss_ema_decay": LOSS_EMA_DECAY,
+                "loss_log": self.loss_log,
+                "wall_time_s": self.total_wall_s,
+                "history": self.history,
+                "weights": {"file": WEIGHTS_NAME, "sha256": sha256_file(weights), "dtype": dtype, "source": "ema"},
+                "model_config": self.model_config.to_dict(),
+                "train_config": self.config.to_dict(),
+                "schedule": schedule_record(self.schedule),
+                "num_parameters": sum(p.numel() for p in self.params),
+            }
+            for name in (WEIGHTS_NAME, "config.json"):
+                os.replace(tmp / name, out / name)
+            _write_json(tmp / MANIFEST_NAME, manifest)
+            os.replace(tmp / MANIFEST_NAME, out / MANIFEST_NAME)
+            _fsync_dir(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+
+def _step_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def schedule_record(schedule: Schedule) -> dict:
+    """The noise schedule as stored in checkpoints and manifests (diffusers scheduler keywords)."""
+    return {**schedule.scheduler_kwargs(), "prediction_type": "epsilon"}

@@ -1,0 +1,318 @@
+"""The U-Net baseline: the denoiser formula against diffusers' own schedule, exact resume, no pickle,
+training that learns, and the train-unet command. Tiny networks (8-16 channels, 8x8 images)."""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from localdiff import make_denoiser
+from localdiff.data.dataset import ImageDataset
+from localdiff.errors import ConfigError
+from localdiff.unet import SMALL, TRAIN_RECIPES, DataOrder, TrainConfig, TrainingInterrupted, UNetConfig, UNetTrainer
+from localdiff.unet.training import join_optimizer_state, list_checkpoints, sha256_file, split_optimizer_state
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny networks run 20-100x faster on one thread than on two busy shared cores (no thread spin-waits)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = UNetConfig(base_channels=8, channel_mult=(1, 2), layers_per_block=1, dropout=0.1, norm_num_groups=4)
+
+
+def tiny_data(num=10, channels=1, size=8, seed=0, name="tiny"):
+    rng = np.random.default_rng(seed)
+    return ImageDataset(raw=rng.integers(0, 256, (num, channels, size, size)).astype(np.uint8), name=name)
+
+
+def tiny_recipe(**kw):
+    base = dict(batch_size=4, lr=1e-3, warmup=2, ema_decay=0.9, hflip=True, seed=3, device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny_unet_dir(tmp_path_factory):
+    """A randomly initialised diffusers UNet2DModel (1 channel, 8x8) saved with save_pretrained."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    model = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                        layers_per_block=1, norm_num_groups=4)
+    with torch.no_grad():  # make the output depend visibly on the input (zero-initialised layers are rare here)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    d = tmp_path_factory.mktemp("unet") / "net"
+    model.save_pretrained(d, safe_serialization=True)
+    return d, model.eval()
+
+
+# -- the denoiser ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("t", [0, 100, 500, 999])
+def test_unet_denoiser_matches_direct_formula(tiny_unet_dir, t):
+    from diffusers import DDPMScheduler
+
+    path, model = tiny_unet_dir
+    den = make_denoiser("unet", tiny_data(), path=str(path), device="cpu")
+    x_t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(t))
+    # Independent reference: diffusers' own DDPM coefficients and the same in-memory network.
+    ab = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                       beta_schedule="linear").alphas_cumprod[t].double()
+    with torch.no_grad():
+        eps = model(x_t, torch.full((3,), t)).sample
+    ref = (x_t.double() - (1 - ab).sqrt() * eps.double()) / ab.sqrt()
+    out = den(x_t, t)
+    assert out.dtype == torch.float32 and out.shape == x_t.shape
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 / ab.sqrt().item())
+
+
+def test_unet_denoiser_is_differentiable(tiny_unet_dir):
+    path, _ = tiny_unet_dir
+    den = make_denoiser("unet", tiny_data(), path=str(path), device="cpu", dtype="float64")
+    assert not den.model.training and not any(p.requires_grad for p in den.model.parameters())
+    x = torch.randn(1, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    i, m, t = 27, 28, 300
+    (g,) = torch.autograd.grad(den(x, t).reshape(-1)[i], x)
+    h = 1e-6
+    e = torch.zeros(64, dtype=torch.float64)
+    e[m] = h
+    with torch.no_grad():
+        fd = (den(x + e.view(1, 1, 8, 8), t).reshape(-1)[i] - den(x - e.view(1, 1, 8, 8), t).reshape(-1)[i]) / (2 * h)
+    assert g.reshape(-1)[m].item() == pytest.approx(fd.item(), rel=1e-5, abs=1e-8)
+
+
+def test_unet_denoiser_refuses_mismatched_networks(tiny_unet_dir, tmp_path):
+    path, _ = tiny_unet_dir
+    with pytest.raises(ConfigError, match="channels"):
+        make_denoiser("unet", tiny_data(channels=3), path=str(path), device="cpu")
+    with pytest.raises(ConfigError, match="8x8"):
+        make_denoiser("unet", tiny_data(size=16), path=str(path), device="cpu")
+    with pytest.raises(ConfigError, match="does not exist"):
+        make_denoiser("unet", tiny_data(), path=str(tmp_path / "nowhere"), device="cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="UNet2DModel directory"):
+        make_denoiser("unet", tiny_data(), path=str(tmp_path / "empty"), device="cpu")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((path / "config.json").read_text())
+    (pickled / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04N.")
+    with pytest.raises(ConfigError, match="pickle"):
+        make_denoiser("unet", tiny_data(), path=str(pickled), device="cpu")
+    other = tmp_path / "vae"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    with pytest.raises(ConfigError, match="AutoencoderKL"):
+        make_denoiser("unet", tiny_data(), path=str(other), device="cpu")
+
+
+def test_unet_pipeline_directory_and_schedule_check(tiny_unet_dir, tmp_path):
+    import shutil
+
+    pipe = tmp_path / "pipeline"
+    shutil.copytree(tiny_unet_dir[0], pipe / "unet")
+    (pipe / "scheduler").mkdir()
+    sched = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+             "beta_schedule": "linear", "prediction_type": "epsilon"}
+    (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
+    assert make_denoiser("unet", tiny_data(), path=str(pipe), device="cpu").info.subfolder == "unet"
+    (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps({**sched, "beta_end": 0.012}))
+    with pytest.raises(ConfigError, match="noise schedule"):
+        make_denoiser("unet", tiny_data(), path=str(pipe), device="cpu")
+
+
+def test_unet_default_path_uses_shipped_weights(tiny_unet_dir, tmp_path, monkeypatch):
+    import localdiff.denoisers.unet as unet_mod
+
+    with pytest.raises(ConfigError, match="train-unet"):
+        make_denoiser("unet", tiny_data(name="no-such-set"), device="cpu")
+    monkeypatch.setattr(unet_mod, "shipped_weights_dir", lambda name: tiny_unet_dir[0] if name == "tiny" else tmp_path)
+    den = make_denoiser("unet", tiny_data(name="tiny"), device="cpu")
+    assert den.path == tiny_unet_dir[0]
+
+
+# -- training ---------------------------------------------------------------------------------------
+
+def test_data_order_is_a_seeded_permutation_per_epoch():
+    order = DataOrder(7, seed=5)
+    seen = torch.cat([order.take(3) for _ in range(7)])  # 21 indices = 3 epochs, batches cross epochs
+    for e in range(3):
+        assert sorted(seen[7 * e:7 * e + 7].tolist()) == list(range(7))
+    assert not torch.equal(seen[:7], seen[7:14])
+    again = DataOrder(7, seed=5, epoch=1, position=2)  # restart mid-epoch from the state alone
+    torch.testing.assert_close(again.take(5), seen[9:14])
+
+
+def test_optimizer_state_round_trips_without_pickle():
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    opt = torch.optim.AdamW([p], lr=0.1, betas=(0.8, 0.95))
+    p.grad = torch.randn(3, 2)
+    opt.step()
+    tensors, rest = split_optimizer_state(opt.state_dict())
+    json.dumps(rest)
+    back = join_optimizer_state(tensors, json.loads(json.dumps(rest)))
+    ref = opt.state_dict()
+    assert back["param_groups"] == ref["param_groups"]
+    for k, v in ref["state"][0].items():
+        torch.testing.assert_close(back["state"][0][k], v, rtol=0, atol=0)
+
+
+def _assert_same_training_state(a: UNetTrainer, b: UNetTrainer):
+    assert a.step == b.step and a.order.state() == b.order.state()
+    for x, y in zip(a.params, b.params):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+    for x, y in zip(a.ema, b.ema):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+    sa, sb = a.optimizer.state_dict(), b.optimizer.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    for i, st in sa["state"].items():
+        for k, v in st.items():
+            torch.testing.assert_close(sb["state"][i][k], v, rtol=0, atol=1e-6)
+    assert a.loss_ema == pytest.approx(b.loss_ema, rel=1e-6)
+    torch.testing.assert_close(a.gen.get_state(), b.gen.get_state())
+
+
+@pytest.fixture(scope="module")
+def straight_run():
+    """Six uninterrupted steps; the batches of 4 from 10 images cross epoch boundaries."""
+    return UNetTrainer(tiny_data(), TINY, tiny_recipe()).fit(6, progress=False)
+
+
+def test_resume_equals_uninterrupted_run(straight_run, tmp_path):
+    data = tiny_data()
+    first = UNetTrainer(data, TINY, tiny_recipe()).fit(3, checkpoint_dir=tmp_path, checkpoint_every=3, progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000003"]
+    resumed = UNetTrainer.from_checkpoint(tmp_path, data).fit(6, checkpoint_dir=tmp_path, progress=False)
+    _assert_same_training_state(straight_run, resumed)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000006"]  # the older one is removed
+    assert first.step == 3
+
+
+def test_ctrl_c_checkpoints_current_step_and_resumes_exactly(straight_run, tmp_path):
+    data = tiny_data()
+
+    def interrupt_after_step_4(trainer):
+        if trainer.step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted) as info:
+        UNetTrainer(data, TINY, tiny_recipe()).fit(6, checkpoint_dir=tmp_path, checkpoint_every=100,
+                                                   progress=False, callback=interrupt_after_step_4)
+    assert info.value.step == 4 and info.value.checkpoint == tmp_path / "step-0000004"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    resumed = UNetTrainer.from_checkpoint(tmp_path, data).fit(6, progress=False)
+    _assert_same_training_state(straight_run, resumed)
+
+
+def test_incomplete_checkpoints_are_ignored(tmp_path):
+    from localdiff.unet import find_checkpoint
+
+    UNetTrainer(tiny_data(), TINY, tiny_recipe()).fit(1, checkpoint_dir=tmp_path / "checkpoints", progress=False)
+    (tmp_path / "checkpoints" / ".step-0000009.x.partial").mkdir()  # a write that was cut short
+    (tmp_path / "checkpoints" / "step-0000010").mkdir()  # no state.json: not complete
+    assert find_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-0000001"
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        find_checkpoint(tmp_path / "checkpoints" / "step-0000010")
+
+
+def test_resume_refuses_other_data(tmp_path):
+    UNetTrainer(tiny_data(), TINY, tiny_recipe()).fit(1, checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="data differ"):
+        UNetTrainer.from_checkpoint(tmp_path, tiny_data(seed=1))
+
+
+def test_checkpoint_and_export_hold_no_pickle(tmp_path):
+    from safetensors import safe_open
+
+    trainer = UNetTrainer(tiny_data(), TINY, tiny_recipe()).fit(2, checkpoint_dir=tmp_path / "ck", progress=False)
+    trainer.export(tmp_path / "export", dtype="fp16")
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    assert {p.suffix for p in files} == {".safetensors", ".json"}
+    for f in files:
+        head = f.read_bytes()[:2]
+        assert head not in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") and head != b"PK"  # pickle, torch zip
+        if f.suffix == ".json":
+            json.loads(f.read_text())
+        else:
+            with safe_open(str(f), framework="pt") as st:
+                assert list(st.keys())
+    manifest = json.loads((tmp_path / "export" / "localdiff_unet.json").read_text())
+    assert manifest["weights"]["sha256"] == sha256_file(tmp_path / "export" / "diffusion_pytorch_model.safetensors")
+    with safe_open(str(tmp_path / "export" / "diffusion_pytorch_model.safetensors"), framework="pt") as st:
+        assert st.get_tensor(next(iter(st.keys()))).dtype == torch.float16
+    # the fp16 export is the EMA network, loadable as a float32 denoiser
+    den = make_denoiser("unet", tiny_data(), path=str(tmp_path / "export"), device="cpu")
+    ema = trainer.ema_model()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        eps_ref = ema(x, torch.full((2,), 400)).sample
+        torch.testing.assert_close(den.eps(x, 400), eps_ref, rtol=0, atol=2e-2)
+
+
+def test_small_config_learns_two_images():
+    data = tiny_data(num=2)
+    recipe = {**TRAIN_RECIPES["small"].recipe(), "warmup": 5, "batch_size": 8, "device": "cpu"}
+    trainer = UNetTrainer(data, SMALL, TrainConfig(**recipe))
+    gen = torch.Generator().manual_seed(0)
+    x0 = data.tensor().repeat(32, 1, 1, 1)  # [64, 1, 8, 8]
+    t = torch.randint(0, 1000, (64,), generator=gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    ab = trainer.schedule.alpha_bar[t].float().view(-1, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps  # fixed noisy inputs, reused before and after training
+
+    def held_out_loss():
+        trainer.model.eval()
+        with torch.no_grad():
+            loss = torch.mean((trainer.model(x_t, t).sample - eps) ** 2).item()
+        trainer.model.train()
+        return loss
+
+    before = held_out_loss()
+    trainer.fit(20, progress=False)
+    after = held_out_loss()
+    assert after < 0.5 * before, (before, after)
+
+
+# -- the command ------------------------------------------------------------------------------------
+
+def test_train_unet_command(tmp_path, capsys):
+    from localdiff.cli import main
+
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "tiny.npz"
+    np.savez(npz, images=rng.integers(0, 256, (12, 8, 8)).astype(np.uint8))
+    out = tmp_path / "run"
+    cmd = ["train-unet", "--data", str(npz), "--config", "small", "--steps", "3", "--out", str(out),
+           "--batch-size", "4", "--warmup", "2", "--checkpoint-every", "2", "--device", "cpu", "--no-progress"]
+    assert main(cmd) == 0
+    assert {"config.json", "diffusion_pytorch_model.safetensors", "localdiff_unet.json"} <= set(os.listdir(out))
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-0000003"]
+    manifest = json.loads((out / "localdiff_unet.json").read_text())
+    assert manifest["steps"] == 3 and manifest["epochs"] == pytest.approx(1.0)
+    assert manifest["command"].startswith("localdiff") and manifest["data"]["fingerprint"]
+    assert manifest["final_loss"] > 0 and manifest["wall_time_s"] > 0
+    assert manifest["schedule"]["beta_end"] == 0.02 and manifest["schedule"]["prediction_type"] == "epsilon"
+    assert manifest["weights"]["sha256"] == sha256_file(out / "diffusion_pytorch_model.safetensors")
+
+    before = sha256_file(out / "diffusion_pytorch_model.safetensors")
+    assert main(cmd) == 2  # an existing --out is never overwritten
+    assert "already exists" in capsys.readouterr().err
+    assert sha256_file(out / "diffusion_pytorch_model.safetensors") == before
+
+    assert main(cmd[:-1] + ["--lr", "0.5", "--no-progress", "--resume", str(out)]) == 2  # the recipe is fixed
+    assert main([*cmd[:5], "--steps", "5", *cmd[7:], "--resume", str(out)]) == 0  # continue in place
+    manifest = json.loads((out / "localdiff_unet.json").read_text())
+    assert manifest["steps"] == 5 and len(manifest["commands"]) == 2
+
+    from localdiff.data import load_dataset
+
+    den = make_denoiser("unet", load_dataset(str(npz)), path=str(out), device="cpu")
+    assert den(torch.zeros(1, 1, 8, 8), 500).shape == (1, 1, 8, 8)

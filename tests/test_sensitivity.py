@@ -23,7 +23,7 @@ def colour_data():
     return ImageDataset(raw=x, name="colour")
 
 
-@pytest.mark.parametrize("model", ["wiener", "optimal"])
+@pytest.mark.parametrize("model", ["wiener", "optimal", "masked"])
 @pytest.mark.parametrize("t", [20, 300, 900])
 def test_closed_form_equals_autograd(small_uint8_data, model, t, tmp_cache):
     den = make_denoiser(model, small_uint8_data, device="cpu")
@@ -35,7 +35,7 @@ def test_closed_form_equals_autograd(small_uint8_data, model, t, tmp_cache):
     assert rel_err(closed, auto) <= 1e-5
 
 
-@pytest.mark.parametrize("model", ["wiener", "optimal"])
+@pytest.mark.parametrize("model", ["wiener", "optimal", "masked"])
 def test_colour_fields_closed_form_equals_autograd(colour_data, model, tmp_cache):
     den = make_denoiser(model, colour_data, device="cpu")
     x_t = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

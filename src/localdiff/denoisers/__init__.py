@@ -6,12 +6,18 @@ from ..diffusion import DEFAULT_SCHEDULE, Schedule
 from ..errors import ConfigError
 from .base import REGISTRY, Denoiser, parse_options, register
 from . import empirical, linear  # noqa: F401  (registers wiener, optimal, nearest)
+from . import patches  # noqa: F401  (registers ls, els, els-boundary, pspc, scfdm)
+from . import unet  # noqa: F401  (registers unet; diffusers is imported on use)
+from . import local  # noqa: F401  (registers masked)
 
 
 def make_denoiser(name: str, data=None, *, schedule: Schedule = DEFAULT_SCHEDULE, **options) -> Denoiser:
     """Build the denoiser ``name`` fitted on ``data``; ``options`` are its Config fields (strings allowed)."""
     if name not in REGISTRY:
         raise ConfigError(f"unknown model '{name}'; available models: {', '.join(sorted(REGISTRY))}")
+    if not isinstance(schedule, Schedule):
+        raise ConfigError(f"schedule must be a localdiff Schedule (the noise schedule), got {type(schedule).__name__}; "
+                          "a patch-size schedule file is the option patch_schedule")
     cls = REGISTRY[name]
     config = parse_options(cls.Config, options, model=name)
     if data is None:

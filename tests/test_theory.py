@@ -64,3 +64,16 @@ def test_pc_energy_fraction():
     assert pc_energy_fraction(other, spec, 5) == pytest.approx(0.0, abs=1e-12)
     blob = gaussian_blob((1, 9, 9), (4, 4), 2.0)
     assert energy_radius(blob, (4, 4), 0.5) == pytest.approx(2.0, abs=0.6)
+
+
+def test_face_fields_move_into_the_leading_components_as_noise_grows(tmp_cache):
+    """On non-stationary data (LFW faces) the Wiener fields approach covariance rows at high noise,
+    whose energy sits in the leading principal components; at low noise they do not."""
+    from localdiff import load_dataset
+
+    train, test = load_dataset("lfw-faces"), load_dataset("lfw-faces", split="test")
+    den = make_denoiser("wiener", train, device="cpu")
+    f = sensitivity_fields(den, test, [(12, 12), (8, 8)], [100, 500, 900], draws=1, progress=False)
+    for pi in range(2):
+        frac = [pc_energy_fraction(f.mean[ti, pi].numpy(), den.spectrum, 10) for ti in range(3)]
+        assert frac[0] < 0.5 < frac[2] and frac[0] < frac[1] < frac[2]

@@ -137,7 +137,7 @@ def sensitivity_fields(den, data, pixels="center", timesteps: Sequence[int] = (1
     pix = parse_pixels(pixels, shape)
     ts = [den.schedule.check_t(t) for t in timesteps]
     resolved = method if method != "auto" else ("closed" if has_closed_form(den) else "autograd")
-    input_free = resolved == "closed" and getattr(den, "name", "") == "wiener"
+    input_free = resolved == "closed" and bool(getattr(den, "jacobian_is_constant", False))
     means, abss = [], []
     for t in tqdm(ts, desc=f"fields {getattr(den, 'name', '')}", unit="t", disable=not progress, leave=False):
         gen = torch.Generator().manual_seed(int(seed) * 1000 + t)

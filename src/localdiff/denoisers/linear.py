@@ -60,6 +60,7 @@ class WienerDenoiser(Denoiser):
         return wiener_apply(self.spectrum, x, a, b2).reshape(x_t.shape)
 
     has_closed_form_jacobian = True
+    jacobian_is_constant = True  # a linear map: one evaluation gives the field for every x_t
 
     def jacobian_rows(self, x_t: torch.Tensor, t: int, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` of the (input-independent) Jacobian, repeated for each input: [B, Q, n]."""

@@ -11,8 +11,6 @@ trades memory for fewer backward passes. Also times the closed-form Jacobians of
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import tempfile
 import time
 
@@ -22,10 +20,7 @@ from localdiff import load_dataset, make_denoiser
 from localdiff.diffusion import DEFAULT_SCHEDULE
 from localdiff.sensitivity import full_jacobian
 
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+from _common import peak_memory_mib, sync, write_json
 
 
 def timed(fn, device, repeats=1):
@@ -73,20 +68,15 @@ def main() -> None:
         den = make_denoiser(name, train, device=dev)
         secs, _ = timed(lambda: full_jacobian(den, x_t.to(dev), args.t, rows_per_pass=args.rows_per_pass), dev)
         results[f"{name}_full_jacobian_s"] = secs
-        del den
-    results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if torch.device(dev).type == "cuda":
-        results["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    results["peak_memory_mib"] = peak_memory_mib(dev)
 
     print(f"device {dev}, {results['threads']} threads, t = {args.t}")
     print(f"U-Net (paper, {params / 1e6:.2f} M params) full Jacobian 784x784 by autograd: "
           f"{results['unet_full_jacobian_s']:.2f} s ({args.rows_per_pass} rows per backward pass)")
     print(f"wiener closed form: {results['wiener_full_jacobian_s']:.3f} s; "
           f"optimal closed form (60,000 images): {results['optimal_full_jacobian_s']:.2f} s")
-    print(f"peak RSS {results['peak_rss_mib']:.0f} MiB")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    print(f"peak memory {results['peak_memory_mib']:.0f} MiB")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

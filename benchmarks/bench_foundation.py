@@ -13,8 +13,6 @@ Measures, on one device in one run:
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import time
 
 import torch
@@ -23,10 +21,7 @@ from localdiff import load_dataset, make_denoiser
 from localdiff.diffusion import DEFAULT_SCHEDULE, initial_noise, timesteps_for
 from localdiff.stats import eigendecompose, moments
 
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+from _common import peak_memory_mib, sync, write_json
 
 
 def matmul_rate(device, dtype, size=2048, reps=5) -> float:
@@ -94,9 +89,7 @@ def main() -> None:
             "ratio_to_floor": (sum(per_step) / len(per_step)) / floor,
         }
         del den
-    results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if torch.device(dev).type == "cuda":
-        results["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    results["peak_memory_mib"] = peak_memory_mib(dev)
 
     print(f"device {dev}, {results['torch_threads']} threads; MNIST {K} x {n}")
     print(f"statistics: covariance {results['covariance_s']:.2f} s + eigh {results['eigh_s']:.2f} s "
@@ -105,10 +98,8 @@ def main() -> None:
         r = results[f"optimal_{dtype}"]
         print(f"optimal ({dtype}), batch {B}: {r['s_per_step_mean']:.3f} s/step; floor {r['floor_s']:.3f} s "
               f"at {r['matmul_gflops']:.1f} GFLOP/s -> {r['ratio_to_floor']:.2f}x floor")
-    print(f"peak RSS {results['peak_rss_mib']:.0f} MiB")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    print(f"peak memory {results['peak_memory_mib']:.0f} MiB")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -39,10 +38,7 @@ import time
 
 import torch
 
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+from _common import peak_memory_mib, sync
 
 
 def matmul_rate(device, size: int = 4096, reps: int = 3) -> float:
@@ -72,13 +68,6 @@ def exp_rate(device, numel: int = 1 << 22, reps: int = 5) -> float:
         sync(device)
         best = min(best, time.perf_counter() - start)
     return numel / best
-
-
-def peak_memory_mb(device) -> float:
-    """Peak since the last reset_peak_memory: allocated GPU memory on CUDA, resident set size on CPU."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def reset_peak_memory(device) -> float:
@@ -180,7 +169,7 @@ def run_ours(args, out_path: str) -> None:
     rate, erate = matmul_rate(dev), exp_rate(dev)
     torch.save(dict(xt=traj.xt, x0=traj.x0_hat, samples=traj.samples, steps=steps, timesteps=traj.timesteps,
                     masks={t: den.masks(t).cpu() for t in traj.timesteps}, matmul_rate=rate, exp_rate=erate,
-                    mem_mb=peak_memory_mb(dev), base_mem_mb=base_mem, num_train=len(data), n=data.dim,
+                    mem_mb=peak_memory_mib(dev), base_mem_mb=base_mem, num_train=len(data), n=data.dim,
                     settings=den.settings()), out_path)
 
 
@@ -203,7 +192,7 @@ def run_reference(args, ours_path: str, out_path: str) -> None:
             out = reference_denoise(x_t, y_all, mask, S.a(t), S.b2(t), chunk=args.ref_chunk, mode=mode)
             sync(dev)
             res[mode].append(dict(seconds=time.perf_counter() - start, out=out.cpu()))
-    torch.save(dict(res=res, mem_mb=peak_memory_mb(dev), base_mem_mb=base_mem), out_path)
+    torch.save(dict(res=res, mem_mb=peak_memory_mib(dev), base_mem_mb=base_mem), out_path)
 
 
 def child(args, part: str, *paths) -> None:

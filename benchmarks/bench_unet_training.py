@@ -25,10 +25,7 @@ from localdiff.denoisers.base import resolve_device
 from localdiff.diffusion import DEFAULT_SCHEDULE
 from localdiff.unet import TRAIN_RECIPES, TrainConfig, UNetTrainer, build_unet, unet_config
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from _common import sync
 
 
 def plain_loop(data, cfg, device, batch_size: int, lr: float):
@@ -131,7 +128,7 @@ def main() -> None:
         print(f"{name:>10}: {r['images_per_s']:9.1f} images/s  ({1000 * r['s_per_step']:.1f} ms/step)"
               + (f"  peak {r['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in r else ""), flush=True)
     base = results["rows"]["plain"]["images_per_s"]
-    for name, r in results["rows"].items():
+    for r in results["rows"].values():
         r["speedup_vs_plain"] = r["images_per_s"] / base
     print(f"{args.config} ({n_params / 1e6:.2f} M parameters), batch {bs}, {data.shape} on {device}: "
           + ", ".join(f"{k} x{v['speedup_vs_plain']:.2f}" for k, v in results["rows"].items()))

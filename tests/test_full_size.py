@@ -1,6 +1,5 @@
 """Real data at real size: the paper's denoiser on the full MNIST training set against the formula."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -36,12 +35,13 @@ def test_masked_on_full_mnist_equals_the_formula(mnist, t, tmp_cache):
         torch.testing.assert_close(out[:, i], ref, atol=1e-4, rtol=0)
 
 
-def test_optimal_on_full_mnist_is_a_convex_combination(mnist):
+def test_optimal_on_full_mnist_memorises(mnist):
+    """At low noise the exact optimal denoiser returns (a blend of) training images, not the held-out
+    image it was given: its output is much closer to the nearest training image than to the input."""
     train, test = mnist
-    den = make_denoiser("optimal", train, device="cpu")
     x_t = DEFAULT_SCHEDULE.q_sample(test[3][None], 50, torch.zeros(1, 1, 28, 28))
-    # at low noise and zero added noise the posterior mean is the nearest training image's neighbourhood
-    out = den(x_t, 50)
+    out = make_denoiser("optimal", train, device="cpu")(x_t, 50)
     near = make_denoiser("nearest", train, device="cpu")(x_t, 50)
-    assert out.min() >= -1 - 1e-6 and out.max() <= 1 + 1e-6
-    assert float(((out - near) ** 2).mean()) < float(((out - test[3]) ** 2).mean()) + 1e-3
+    to_near = float(((out - near) ** 2).mean())
+    to_input = float(((out - test[3]) ** 2).mean())
+    assert to_near < 0.25 * to_input

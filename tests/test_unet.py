@@ -4,7 +4,6 @@ training that learns, and the train-unet command. Tiny networks (8-16 channels, 
 import json
 import os
 import signal
-from pathlib import Path
 
 import numpy as np
 import pytest

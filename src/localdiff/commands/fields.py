@@ -87,9 +87,7 @@ def run(args) -> int:
             "versions": versions(),
         })
         save_figure(plot_fields(fields, 0), tmp / "fields.png")
-        for pi in range(1, len(pixels)):
-            if pi >= 8:
-                break
+        for pi in range(1, min(len(pixels), 8)):  # one figure per pixel, at most 8
             save_figure(plot_fields(fields, pi), tmp / f"fields_pixel{pi}.png")
     print(f"wrote fields of {', '.join(models)} to {args.out} ({time.perf_counter() - t0:.1f} s)")
     return 0

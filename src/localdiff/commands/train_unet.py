@@ -136,7 +136,7 @@ def run(args) -> int:
         if created and not saved:
             shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping under the new name
         if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: the last periodic checkpoint survives
-            print(f"localdiff train-unet: aborted; "
+            print("localdiff train-unet: aborted; "
                   + (f"the last checkpoint is {saved[-1]}" if saved else "no checkpoint was written"), file=sys.stderr)
             return 130
         raise

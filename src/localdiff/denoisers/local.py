@@ -176,7 +176,6 @@ def _tiles(shape, th: int, tw: int) -> list[torch.Tensor]:
 
 def _tile_stats(masks: torch.Tensor, nonempty: torch.Tensor, shape, th: int, tw: int):
     """Per tile (row-major, as ``_tiles``): pixels with a non-empty mask g, union size u, core size c."""
-    n = masks.shape[0]
     C, H, W = shape
     ph, pw = -H % th, -W % tw
 

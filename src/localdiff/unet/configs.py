@@ -14,6 +14,15 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 
 
+def _check_fields(cls, d: dict, what: str) -> dict:
+    """A copy of ``d`` after checking that every key is a field of the dataclass ``cls``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown {what} fields {unknown}; known: {sorted(names)}")
+    return dict(d)
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """A diffusers ``UNet2DModel`` with plain DownBlock2D/UpBlock2D levels and an attention middle block."""
@@ -49,11 +58,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown U-Net config fields {unknown}; known: {sorted(names)}")
-        d = dict(d)
+        d = _check_fields(cls, d, "U-Net config")
         if "channel_mult" in d:
             d["channel_mult"] = tuple(int(m) for m in d["channel_mult"])
         return cls(**d)
@@ -108,11 +113,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown training config fields {unknown}; known: {sorted(names)}")
-        return cls(**d)
+        return cls(**_check_fields(cls, d, "training config"))
 
 
 # Training recipes that go with the named architectures; command-line flags override single fields.

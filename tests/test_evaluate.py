@@ -76,12 +76,16 @@ def test_evaluate_command(tmp_path, tmp_cache, capsys):
     np.savez(path, images=x)
     out = tmp_path / "run"
     rc = main(["evaluate", "--data", str(path), "--held-out-split", "train", "--models", "wiener,optimal",
-               "--timesteps", "100,700", "--num", "20", "--device", "cpu", "--out", str(out)])
+               "--timesteps", "100,700", "--num", "20", "--samples", "6", "--sample-steps", "5",
+               "--device", "cpu", "--out", str(out)])
     assert rc == 0
     rec = json.loads((out / "evaluate.json").read_text())
     assert set(rec["mse"]) == {"wiener", "optimal"}
     # held-out = training images here: the optimal denoiser recovers them almost exactly at low noise
     assert rec["mse"]["optimal"]["100"]["mse"] < 1e-3 < rec["mse"]["wiener"]["100"]["mse"]
     assert "| wiener |" in (out / "mse.md").read_text()
+    memo = rec["memorisation"]
+    # held-out images here are training images (distance 0); optimal samples copy training images too
+    assert memo["held_out"]["max"] < 1e-5 and memo["optimal"]["mean"] < 1e-3 < memo["wiener"]["mean"]
     assert main(["evaluate", "--data", str(path), "--out", str(out)]) == 2  # never overwritten
     assert "already exists" in capsys.readouterr().err

@@ -24,6 +24,10 @@ def register(subparsers) -> None:
     p.add_argument("--held-out-split", default="test", help="split of the held-out images (default test)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out subset and of the noise")
+    p.add_argument("--samples", type=int, default=0,
+                   help="also generate this many samples per model (DDIM, same noise) and compare their distance to "
+                        "the nearest training image with that of as many held-out images (memorisation; default 0)")
+    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of those samples (default 50)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="new directory for the results (never overwritten)")
     p.set_defaults(func=run)
@@ -49,6 +53,27 @@ def format_table(results: dict, timesteps: list[int]) -> str:
     return "\n".join(rows)
 
 
+def memorisation(dens: dict, data, held_out, args) -> dict:
+    """Nearest-training-image distances of each model's samples and of held-out images (the baseline a
+    model that generalises should match; copies of training images sit near 0)."""
+    from .. import sample
+    from ..metrics import nearest_training_distances
+
+    out = {"held_out": nearest_training_distances(held_out[:args.samples], data, progress=True).summary()}
+    for name, den in dens.items():
+        x = sample(den, num=args.samples, steps=args.sample_steps, seed=args.seed, batch_size=args.batch_size)
+        out[name] = nearest_training_distances(x, data, progress=True).summary()
+    return out
+
+
+def format_memorisation(memo: dict) -> str:
+    rows = ["| images | mean distance to nearest training image | median | min | nearest / second nearest |",
+            "| --- | --- | --- | --- | --- |"]
+    for name, s in memo.items():
+        rows.append(f"| {name} | {s['mean']:.3f} | {s['median']:.3f} | {s['min']:.3f} | {s['mean_ratio_to_second']:.3f} |")
+    return "\n".join(rows)
+
+
 def run(args) -> int:
     import torch
 
@@ -62,6 +87,8 @@ def run(args) -> int:
     timesteps = _timesteps(args.timesteps)
     if args.num < 1:
         raise ConfigError(f"--num must be positive, got {args.num}")
+    if args.samples < 0 or args.samples > args.num or args.sample_steps < 1:
+        raise ConfigError(f"--samples must be between 0 and --num ({args.num}) and --sample-steps positive")
     opts = model_options(args.opt, models)
     with new_run_dir(args.out) as tmp:
         t0 = time.perf_counter()
@@ -77,11 +104,15 @@ def run(args) -> int:
         results = denoising_mse(dens, images, timesteps, generator=torch.Generator().manual_seed(args.seed),
                                 batch_size=args.batch_size, schedule=next(iter(dens.values())).schedule)
         table = format_table(results, timesteps)
+        memo = memorisation(dens, data, images, args) if args.samples > 0 else None
+        if memo is not None:
+            table += "\n\n" + format_memorisation(memo)
         write_json(tmp / "evaluate.json", {
             "command": command_line(), "dataset": data.describe(), "held_out": held_out.describe(),
             "timesteps": timesteps, "seed": args.seed,
             "models": {name: den.settings() for name, den in dens.items()},
             "mse": {name: {str(t): v for t, v in per_t.items()} for name, per_t in results.items()},
+            "memorisation": memo,
             "seconds": time.perf_counter() - t0, "versions": versions(),
         })
         write_bytes(tmp / "mse.md", (table + "\n").encode())

@@ -1,4 +1,4 @@
-"""Figures and pages for people: image grids now; plots and the HTML report build on these."""
+"""Figures and pages for people: image grids, matplotlib figures and the self-contained HTML report."""
 
 from .grid import image_grid, save_grid
 

@@ -51,3 +51,180 @@ def plot_fields(fields_by_model: dict, pixel_index: int = 0, *, title: str | Non
                  fontsize=10)
     fig.tight_layout()
     return fig
+
+
+# -- study figures --------------------------------------------------------------------------------
+
+MODE_TITLES = {"own_trajectory": "along each model's own trajectory",
+               "single_step": "single step (U-Net applied to the model's x_t)"}
+
+
+def _colours(names):
+    cmap = plt.get_cmap("tab10")
+    return {n: cmap(i % 10) for i, n in enumerate(names)}
+
+
+def plot_per_step(curves: dict, timesteps, *, ylabel: str = "R² vs U-Net", modes=tuple(MODE_TITLES),
+                  floor: float | None = -1.0, log: bool = False):
+    """One panel per comparison mode: ``curves[model][mode]`` (one value per timestep) against the timestep.
+
+    The x axis runs from the noisiest step to the last, as sampling does. With ``floor``, values below
+    it are drawn at the floor (marked with a triangle) so one very negative R² does not squash the rest.
+    """
+    names = list(curves)
+    colours = _colours(names)
+    ts = list(timesteps)
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 3.6), squeeze=False, sharey=True)
+    clipped = False
+    for ax, mode in zip(axes[0], modes):
+        for name in names:
+            y = np.asarray(curves[name].get(mode, []), dtype=np.float64)
+            if y.size == 0:
+                continue
+            low = floor is not None and not log
+            shown = np.maximum(y, floor) if low else y
+            ax.plot(ts, shown, marker="o", markersize=3.5, lw=1.5, color=colours[name], label=name)
+            if low and (y < floor).any():
+                clipped = True
+                ax.plot(np.asarray(ts)[y < floor], np.full(int((y < floor).sum()), floor), "v", color=colours[name],
+                        markersize=7)
+        ax.set_xlim(max(ts) + 0.03 * (max(ts) - min(ts) or 1), min(ts) - 0.03 * (max(ts) - min(ts) or 1))
+        ax.set_xlabel("timestep t (sampling runs left to right)")
+        ax.set_title(MODE_TITLES.get(mode, mode), fontsize=10)
+        ax.grid(alpha=0.3)
+        if log:
+            ax.set_yscale("log")
+    axes[0, 0].set_ylabel(ylabel)
+    if floor is not None and not log:
+        top = axes[0, 0].get_ylim()[1]
+        axes[0, 0].set_ylim(floor - 0.05, max(top, 1.02) if "R²" in ylabel else top)
+    axes[0, -1].legend(fontsize=8, loc="best")
+    if clipped:
+        fig.text(0.01, 0.01, f"triangles: values below {floor:g}, drawn at {floor:g}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _row_image(images, cols: int) -> np.ndarray:
+    from .grid import image_grid
+
+    return np.asarray(image_grid(images[:cols], nrow=cols, pad=2, min_cell=28))
+
+
+def plot_sample_rows(samples: dict, *, max_cols: int = 8):
+    """One row per model, one column per initial noise (the same noise in every row)."""
+    names = list(samples)
+    cols = min(max_cols, min(int(s.shape[0]) for s in samples.values()))
+    rows = [_row_image(samples[n], cols) for n in names]
+    h, w = rows[0].shape[:2]
+    width = min(max(1.0 * cols, 4.0), 11.0)  # inches for the images; about one inch per sample
+    fig, axes = plt.subplots(len(names), 1, figsize=(width + 1.3, len(names) * width * h / w + 0.6), squeeze=False)
+    for ax, name, img in zip(axes[:, 0], names, rows):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=10)
+        for s in ax.spines.values():
+            s.set_visible(False)
+    axes[0, 0].set_title("final samples: each column starts from the same initial noise", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_nearest_pairs(pairs: dict, *, max_cols: int = 8):
+    """Per model, its samples (top row) above their nearest training images (bottom row)."""
+    names = list(pairs)
+    cols = min(max_cols, min(int(s.shape[0]) for s, _ in pairs.values()))
+    imgs = [np.concatenate([_row_image(pairs[n][0], cols), _row_image(pairs[n][1], cols)[2:]], axis=0) for n in names]
+    h, w = imgs[0].shape[:2]
+    width = min(max(1.0 * cols, 4.0), 11.0)
+    fig, axes = plt.subplots(len(names), 1, figsize=(width + 1.6, len(names) * (width * h / w + 0.15) + 0.6),
+                             squeeze=False)
+    for ax, name, img in zip(axes[:, 0], names, imgs):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(f"{name}\nsample\nnearest train", rotation=0, ha="right", va="center", fontsize=9)
+        for sp in ax.spines.values():
+            sp.set_visible(False)
+    axes[0, 0].set_title("each sample (upper row) and its nearest training image (lower row)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_nearest_distances(distances: dict, reference=None):
+    """Distance of each sample to its nearest training image, one row per model (dots and median bar).
+
+    ``reference`` = (label, distances) of held-out real images: the distance a new image typically has.
+    """
+    names = list(distances)
+    rows = ([reference[0]] if reference is not None else []) + names
+    colours = _colours(names)
+    fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(rows) + 1.3))
+    rng = np.random.default_rng(0)
+    for i, label in enumerate(rows):
+        is_ref = reference is not None and i == 0
+        d = np.asarray(reference[1] if is_ref else distances[label], dtype=np.float64)
+        y = len(rows) - 1 - i
+        colour = "0.45" if is_ref else colours[label]
+        ax.scatter(d, y + rng.uniform(-0.15, 0.15, d.size), s=14, color=colour, alpha=0.8, lw=0)
+        ax.plot([np.median(d)] * 2, [y - 0.3, y + 0.3], color="black", lw=2)
+        if is_ref:
+            ax.axvspan(np.percentile(d, 5), np.percentile(d, 95), color="0.85", zorder=0)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(rows[::-1])
+    ax.set_xlabel("L2 distance to the nearest training image (data scale [-1, 1])")
+    ax.set_xlim(left=0)
+    ax.grid(axis="x", alpha=0.3)
+    title = "memorisation: 0 = a copy of a training image"
+    if reference is not None:
+        title += f"; grey band: 5-95% of {reference[0]}"
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_final_r2(per_sample: dict):
+    """Mean R² of each model's final samples against the U-Net's (bars) with every sample's R² (dots)."""
+    names = list(per_sample)
+    colours = _colours(names)
+    fig, ax = plt.subplots(figsize=(0.8 * len(names) + 2.5, 3.4))
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(names):
+        v = np.asarray(per_sample[name], dtype=np.float64)
+        mean = float(np.nanmean(v))
+        ax.bar(i, max(mean, -1.0), color=colours[name], alpha=0.55, width=0.7)
+        ax.text(i, 0.93, f"{mean:.2f}", ha="center", va="top", fontsize=8)
+        ax.scatter(i + rng.uniform(-0.2, 0.2, v.size), np.maximum(v, -1.0), s=12, color=colours[name], zorder=3)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right")
+    ax.set_ylim(-1.05, 1.02)
+    ax.set_ylabel("R² vs U-Net (final samples)")
+    ax.set_title("bars and numbers: mean over samples; dots: single samples (below -1 drawn at -1)", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_spectrum(eigvals, *, title: str = "covariance spectrum of the training set"):
+    """Eigenvalues of the data covariance (log-log), with the components holding 90% / 99% of the variance."""
+    lam = np.asarray(eigvals, dtype=np.float64)
+    frac = np.cumsum(lam) / lam.sum()
+    keep = lam > lam.max() * 1e-7  # the rest is round-off (e.g. constant border pixels)
+    k = np.arange(1, lam.size + 1)
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    ax.loglog(k[keep], lam[keep], lw=1.6)
+    if (~keep).any():
+        ax.text(0.02, 0.04, f"{int((~keep).sum())} components below 1e-7 x the largest not shown",
+                transform=ax.transAxes, fontsize=8)
+    for p, style in ((0.9, "--"), (0.99, ":")):
+        c = int(np.searchsorted(frac, p) + 1)
+        ax.axvline(c, color="0.4", ls=style, lw=1)
+        ax.text(c, lam.max(), f" {int(p * 100)}%: {c}", fontsize=8, va="top")
+    ax.set_xlabel("component (sorted by variance)")
+    ax.set_ylabel("eigenvalue (variance)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig

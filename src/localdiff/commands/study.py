@@ -1,0 +1,252 @@
+"""``localdiff study``: the paper's comparison on one dataset, end to end, into one run directory.
+
+Every analytical denoiser and the U-Net sample from the same noise; per step R² and MSE of each
+model against the U-Net (own trajectory and single step), the final R² table, sensitivity fields,
+nearest-training-image distances, figures and a self-contained ``report.html``.
+
+Defaults depend on the machine (``localdiff.study``: ``StudyConfig``, ``QUICK``, ``GPU``):
+
+* CPU: wiener, optimal, nearest, masked, ls, scfdm and the U-Net; 8 samples; fields at t = 100, 500,
+  900 with 8 draws (not for ls: autograd through it takes minutes per timestep on a CPU). On MNIST
+  with the two CPU cores shared with one other job: 282 s, 2.4 GiB peak (benchmarks/bench_study.py);
+  masked and ls sampling are about 80% of it. els, els-boundary and pspc take 2-10 minutes each
+  there, so they are left to ``--models`` or a GPU.
+* CUDA: every analytical model, 64 samples, fields of every model at five timesteps with 32 draws.
+* ``--quick``: the CPU model set fitted on 5,000 training images, 4 samples, 2 field draws
+  (the masked model collapses to one flat image for every seed on 2,000 MNIST images, not on 5,000).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+from .common import command_line, new_run_dir, versions
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "study", help="the paper's comparison end to end: every model against the U-Net, with a report",
+        description="Sample every analytical denoiser and the U-Net from the same noise, compare each model's "
+                    "x0_hat with the U-Net's at every step (R², MSE), compute sensitivity fields and "
+                    "nearest-training-image distances, and write metrics.json, figures and report.html into a "
+                    "new run directory. Defaults depend on the device; --quick is a one-minute version.")
+    g = p.add_argument_group("data")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--dataset", metavar="NAME", default=None, help="a built-in dataset (default mnist)")
+    src.add_argument("--data", metavar="PATH", help="your own data: IDX or CIFAR-10 directory, image folder, .npy/.npz")
+    g.add_argument("--split", default="train", help="training split (default train)")
+    g.add_argument("--held-out-split", default="test", help="split of the held-out images (default test)")
+    g.add_argument("--resolution", type=int, default=None, help="resize images to RESOLUTION x RESOLUTION")
+    g.add_argument("--channels", type=int, choices=(1, 3), default=None, help="convert to 1 or 3 channels")
+    g.add_argument("--subset", type=int, default=None,
+                   help="fit the analytical models on a seeded subset of this many training images "
+                        "(default: all; --quick: 5000)")
+    g.add_argument("--data-seed", type=int, default=None, help="seed of that subset (default 0)")
+    m = p.add_argument_group("models and sampling")
+    m.add_argument("--models", default=None,
+                   help="comma-separated analytical models, or 'all' (default on a CPU: wiener,optimal,nearest,"
+                        "masked,ls,scfdm; on CUDA: all)")
+    m.add_argument("--unet", metavar="DIR", default=None,
+                   help="the U-Net to compare with: a diffusers UNet2DModel directory (default: the weights "
+                        "shipped for the dataset)")
+    m.add_argument("--no-unet", action="store_true", help="no U-Net: skip every comparison with it (no R²)")
+    m.add_argument("--opt", action="append", metavar="MODEL.KEY=VALUE",
+                   help="a model option, prefixed by the model name, e.g. masked.tau=0.005 (repeatable)")
+    m.add_argument("--num", type=int, default=None, help="samples per model (default 8 on a CPU, 64 on CUDA)")
+    m.add_argument("--steps", type=int, default=None, help="sampling steps (default 10)")
+    m.add_argument("--seed", type=int, default=None, help="seed of the noise (default 0)")
+    m.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default ddim")
+    m.add_argument("--batch-size", type=int, default=None, help="denoise this many samples at a time")
+    f = p.add_argument_group("fields and memorisation")
+    f.add_argument("--field-models", default=None,
+                   help="comma-separated models whose sensitivity fields are computed, or 'none' (default: all "
+                        "but nearest; on a CPU also not ls, els, els-boundary, pspc)")
+    f.add_argument("--field-timesteps", default=None, help="comma-separated timesteps (default 100,500,900)")
+    f.add_argument("--field-draws", type=int, default=None, help="noisy held-out images per field timestep")
+    f.add_argument("--pixels", default=None, help="field pixels: 'center' (default), 'all' or 'r,c;r,c'")
+    f.add_argument("--held-out", type=int, default=None,
+                   help="held-out images whose nearest-training distances are the yardstick (default 64)")
+    r = p.add_argument_group("running")
+    r.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    r.add_argument("--quick", action="store_true", help="a one-minute version: data subset, 4 samples, few draws")
+    r.add_argument("--out", default=None,
+                   help="new run directory (never overwritten; default runs/study-<dataset>-<date>-<time>)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def _names(text: str, what: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise ConfigError(f"{what} is empty")
+    return names
+
+
+def build_config(args, device):
+    """The preset for this device (or --quick), with every option the user gave on top."""
+    from ..study import ANALYTICAL_MODELS, default_config
+
+    base = default_config(device, args.quick)
+    given: dict = {}
+    if args.models is not None:
+        models = _names(args.models, "--models")
+        given["models"] = ANALYTICAL_MODELS if models == ("all",) else tuple(m for m in models if m != "unet")
+        if "unet" in models and args.no_unet:
+            raise ConfigError("--models names unet but --no-unet is given")
+    for key in ("num", "steps", "seed", "sampler", "batch_size", "subset", "data_seed", "field_draws", "held_out"):
+        if getattr(args, key) is not None:
+            given[key] = getattr(args, key)
+    if args.field_models is not None:
+        given["field_models"] = () if args.field_models.strip().lower() == "none" else \
+            _names(args.field_models, "--field-models")
+    if args.field_timesteps is not None:
+        try:
+            given["field_timesteps"] = tuple(int(t) for t in _names(args.field_timesteps, "--field-timesteps"))
+        except ValueError as exc:
+            raise ConfigError(f"--field-timesteps must be comma-separated integers, got '{args.field_timesteps}'") \
+                from exc
+    if args.pixels is not None:
+        given["field_pixels"] = args.pixels
+    given["unet"] = not args.no_unet
+    given["device"] = args.device
+    config = dataclasses.replace(base, **given)
+    config.validate()
+    return config
+
+
+def default_out(dataset: str) -> Path:
+    stem = Path("runs") / f"study-{Path(dataset).stem or 'data'}-{datetime.now():%Y%m%d-%H%M%S}"
+    out, i = stem, 2
+    while out.exists():
+        out, i = stem.with_name(f"{stem.name}-{i}"), i + 1
+    return out
+
+
+def write_results(results, data, tmp: Path, *, command: str) -> dict:
+    """metrics.json, samples.npz, fields.npz, the PNG figures and report.html into ``tmp``."""
+    import torch
+
+    from ..fileio import write_bytes, write_json, write_npz
+    from ..report import save_grid
+    from ..report.figures import (
+        plot_fields,
+        plot_final_r2,
+        plot_nearest_distances,
+        plot_nearest_pairs,
+        plot_per_step,
+        plot_sample_rows,
+        plot_spectrum,
+        save_figure,
+    )
+    from ..report.html import study_report
+
+    metrics = {"command": command, "versions": versions(), **results.metrics()}
+    runs = results.runs
+    arrays = {"timesteps": np.asarray(results.timesteps, np.int64), "init_noise": results.init_noise.numpy()}
+    for name, run in runs.items():
+        arrays[f"{name}/samples"] = run.samples.numpy()
+        arrays[f"{name}/x0_hat"] = run.trajectory.x0_hat.numpy()
+        arrays[f"{name}/xt"] = run.trajectory.xt.numpy()
+    write_npz(tmp / "samples.npz", **arrays)
+    with_fields = {n: r.fields for n, r in runs.items() if r.fields is not None}
+    if with_fields:
+        first = next(iter(with_fields.values()))
+        f_arrays = {"timesteps": np.asarray(first.timesteps, np.int64), "pixels": np.asarray(first.pixels, np.int64)}
+        for name, fl in with_fields.items():
+            f_arrays[name] = fl.mean.numpy().astype(np.float32)
+            f_arrays[f"{name}_abs"] = fl.abs_mean.numpy().astype(np.float32)
+        write_npz(tmp / "fields.npz", **f_arrays)
+
+    figures: dict = {}
+    compared = [n for n in results.compared if runs[n].own is not None]
+    if compared:
+        r2 = {n: {"own_trajectory": runs[n].own.mean_r2(), "single_step": runs[n].single.mean_r2()} for n in compared}
+        err = {n: {"own_trajectory": runs[n].own.mean_mse(), "single_step": runs[n].single.mean_mse()}
+               for n in compared}
+        figures["r2_per_step"] = plot_per_step(r2, results.timesteps, ylabel="R² vs U-Net")
+        figures["mse_per_step"] = plot_per_step(err, results.timesteps, ylabel="MSE vs U-Net", floor=None, log=True)
+        figures["final_r2"] = plot_final_r2({n: runs[n].final()["r2_per_sample"] for n in compared})
+    figures["samples"] = plot_sample_rows({n: r.samples for n, r in runs.items()})
+    if with_fields:
+        figures["fields"] = plot_fields(with_fields, 0)
+        for pi in range(1, min(len(first.pixels), 8)):
+            save_figure(plot_fields(with_fields, pi), tmp / f"fields_pixel{pi}.png")
+    figures["nearest_distances"] = plot_nearest_distances(
+        {n: r.nearest.distance.numpy() for n, r in runs.items()},
+        reference=("held-out test images", results.held_out_nearest.distance.numpy()))
+    pairs = {}
+    for n, r in runs.items():
+        idx = r.nearest.index[:8].tolist()
+        pairs[n] = (r.samples[:8], torch.stack([data[i] for i in idx]))
+    figures["nearest_pairs"] = plot_nearest_pairs(pairs)
+    figures["spectrum"] = plot_spectrum(results.eigvals)
+    images = {}
+    for key, fig in figures.items():
+        save_figure(fig, tmp / f"{key}.png")
+        images[key] = (tmp / f"{key}.png").read_bytes()
+    grids = {}
+    for n, r in runs.items():
+        save_grid(r.samples, tmp / f"grid_{n}.png", nrow=min(8, r.samples.shape[0]))
+        grids[n] = (tmp / f"grid_{n}.png").read_bytes()
+
+    metrics["files"] = sorted(p.name for p in tmp.iterdir() if not p.name.startswith(".")) + \
+        ["metrics.json", "report.html"]
+    write_json(tmp / "metrics.json", metrics)
+    write_bytes(tmp / "report.html", study_report(metrics, images, grids).encode("utf-8"))
+    return metrics
+
+
+def summary_line(results, out: Path, seconds: float) -> str:
+    """The one line printed at the end: the model closest to the U-Net, and where the report is."""
+    best = results.closest()
+    where = f"report: {out / 'report.html'} ({seconds:.0f} s)"
+    if results.reference is None:
+        return f"study: no U-Net (--no-unet), so R² against it was not computed; {where}"
+    if best is None:
+        return f"study: no analytical model was compared with the U-Net; {where}"
+    return (f"study: closest to the U-Net is {best[0]} (final R² {best[1]:.3f} over "
+            f"{results.config.num} samples); {where}")
+
+
+def run(args) -> int:
+    from ..data import load_dataset
+    from ..denoisers.base import resolve_device
+    from ..study import REFERENCE, ReferenceUnavailable, run_study
+    from .fields import model_options
+
+    device = resolve_device(args.device)
+    config = build_config(args, device)
+    studied = ([REFERENCE] if config.unet else []) + list(config.models)
+    if args.unet is not None and args.no_unet:
+        raise ConfigError("--unet and --no-unet contradict each other; give one")
+    opts = model_options(args.opt, studied)
+    if args.unet is not None:
+        opts[REFERENCE]["path"] = args.unet
+    source = args.data or args.dataset or "mnist"
+    out = Path(args.out) if args.out else default_out(source)
+    t0 = time.perf_counter()
+    with new_run_dir(out) as tmp:
+        load = {"resolution": args.resolution, "channels": args.channels}
+        data = load_dataset(source, split=args.split, **load)
+        try:
+            held_out = load_dataset(source, split=args.held_out_split, **load)
+        except DataError as exc:
+            raise DataError(f"{exc}\n(held-out images for the fields and the memorisation yardstick; choose "
+                            "another --held-out-split)") from exc
+        try:
+            results = run_study(data, held_out, config, options={k: v for k, v in opts.items() if v},
+                                progress=not args.no_progress)
+        except ReferenceUnavailable as exc:
+            raise ConfigError(
+                f"{exc}\nFix: pass a trained network with --unet DIR (train one with `localdiff train-unet "
+                f"--dataset {source} --config small --steps 3000 --out runs/unet-{Path(source).name}`), or skip "
+                "the U-Net comparisons with --no-unet.") from exc
+        write_results(results, data, tmp, command=command_line())
+    print(summary_line(results, out, time.perf_counter() - t0))
+    return 0

@@ -87,6 +87,7 @@ def test_experiment_command_quick(tmp_path, tmp_cache):
     iso, aniso = rec["sets"]["grf"]["summary"], rec["sets"]["grf-aniso"]["summary"]
     # properties of the data, whatever the (briefly trained) U-Net learnt
     assert aniso["extent_ratio_data"] > 1.5 * iso["extent_ratio_data"]
+    assert aniso["correlation_ratio_data"] > 2.0 > 1.1 > iso["correlation_ratio_data"]
     assert aniso["extent_ratio_wiener"] > 1.3
     assert abs(iso["extent_ratio_wiener"] - 1.0) < 0.2
     # the trained linear model's fields are the Wiener fields

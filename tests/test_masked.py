@@ -307,3 +307,23 @@ def test_options_defaults_and_sampling(smooth, tmp_cache):
             make_denoiser("masked", smooth, device="cpu", **bad)
     out = sample(make_denoiser("masked", smooth, device="cpu", tau=0.05), num=2, steps=3, progress=False)
     assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all() and out.abs().max() <= 1
+
+
+def test_degenerate_official_masks_warn_and_sym_does_not(tmp_cache):
+    # 2,000 MNIST images leave a few border pixels nearly constant; dividing their gain rows by a tiny
+    # diagonal inflates the global maximum, so at t=0 no pixel keeps itself in its mask and every
+    # output is the mean image. That must not pass silently; the symmetric normalisation is well posed.
+    import warnings
+
+    from localdiff import load_dataset
+
+    data = load_dataset("mnist", subset=2000)
+    official = make_denoiser("masked", data, device="cpu")
+    with pytest.warns(RuntimeWarning, match="normalize=sym"):
+        m = official.masks(0)
+    assert not m.diagonal().any()
+    sym = make_denoiser("masked", data, device="cpu", normalize="sym")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for t in (900, 500, 0):
+            sym.masks(t)

@@ -197,9 +197,25 @@ def run_set(name: str, cfg: ExperimentConfig, unet_root: Path, *, unet_dir: str 
         lin = make_denoiser("linear", train, **opts)
         fields["linear"] = sensitivity_fields(lin, test, **kw)
         history = getattr(lin, "history", None)
-    cov = covariance_fields(data_spectrum(train, progress=False), fields["unet"])
+    spec = data_spectrum(train, progress=False)
+    cov = covariance_fields(spec, fields["unet"])
     comparison = compare(fields, cov)
-    return SetResult(name, comparison, summarise(comparison), fields, cov, Path(unet_dir), info, history)
+    summary = summarise(comparison)
+    summary["correlation_ratio_data"] = _correlation_ratio(spec, train.shape)
+    return SetResult(name, comparison, summary, fields, cov, Path(unet_dir), info, history)
+
+
+def _correlation_ratio(spec, shape) -> float:
+    """The data's vertical/horizontal correlation-length ratio from neighbouring pixels (nan where a
+    pixel never varies, as on MNIST's border)."""
+    from .data.synthetic import correlation_length_ratio
+    from .errors import DataError
+
+    cov = (spec.eigvecs * spec.eigvals) @ spec.eigvecs.T
+    try:
+        return float(correlation_length_ratio(cov.cpu().numpy(), shape))
+    except DataError:
+        return float("nan")
 
 
 def run_experiment(cfg: ExperimentConfig, unet_root: Path, *, unet_dirs: dict[str, str] | None = None,
@@ -217,7 +233,7 @@ def run_experiment(cfg: ExperimentConfig, unet_root: Path, *, unet_dirs: dict[st
 
 
 SUMMARY_COLUMNS = ("cos_wiener", "cos_blob", "cos_linear_wiener", "cos_linear_unet", "r50_unet", "r50_wiener",
-                   "extent_ratio_unet", "extent_ratio_wiener", "extent_ratio_data")
+                   "extent_ratio_unet", "extent_ratio_wiener", "extent_ratio_data", "correlation_ratio_data")
 
 
 def summary_table(results: list[SetResult]) -> str:

@@ -39,6 +39,7 @@ brute-force reference to 1e-9 (tests).
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -405,9 +406,24 @@ class MaskedDenoiser(Denoiser):
         else:
             m = wiener_masks(self.spectrum, self.schedule.a(t), self.schedule.b2(t), self.tau,
                              self.config.normalize)
+            self._warn_if_degenerate(m, t)
         self._masks[t] = m
         self._trim(self._masks, self._cache_bytes() // 4)
         return m
+
+    def _warn_if_degenerate(self, m: torch.Tensor, t: int) -> None:
+        """Warn when a varying pixel's own mask leaves it out: with the official row-by-diagonal rule a
+        nearly constant pixel (tiny G[m, m], common on small subsets) inflates the global maximum, the
+        threshold rises above every other entry, and outputs collapse to the mean image."""
+        G_diag = wiener_gain(self.spectrum, self.schedule.a(t), self.schedule.b2(t)).diagonal()
+        varying = G_diag.abs() >= DIAG_EPS
+        lost = int((varying & ~m.diagonal().to(varying.device)).sum())
+        if lost:
+            warnings.warn(
+                f"masked: at t={t}, {lost} of {int(varying.sum())} varying pixels are missing from their own "
+                f"mask (normalize='{self.config.normalize}', tau={self.tau}); a nearly constant pixel dominates "
+                "the threshold and the outputs collapse towards the mean image. Use normalize=sym (well "
+                "conditioned) or more training images.", RuntimeWarning, stacklevel=3)
 
     def mask_density(self, t) -> float:
         """Fraction of ones in the masks at timestep t."""

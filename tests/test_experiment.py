@@ -35,12 +35,16 @@ def _fields(arr, t=(300,), pixels=((4, 5),)):
 
 
 def test_blob_fields_match_the_reference_radius():
-    p = (8, 8)
-    ref = _fields(_gauss(17, 17, p, 2.5, 2.5)[None, None], pixels=(p,))
-    blob = gaussian_blob_fields(ref)
-    r_ref = energy_radius(ref.mean[0, 0].numpy(), p, 0.5)
-    r_blob = energy_radius(blob.mean[0, 0].numpy(), p, 0.5)
-    assert abs(r_ref - r_blob) <= 1.0
+    p = (12, 12)
+    radii = []
+    for sigma in (1.5, 4.0):
+        ref = _fields(_gauss(25, 25, p, sigma, sigma)[None, None], pixels=(p,))
+        blob = gaussian_blob_fields(ref)
+        r_ref = energy_radius(ref.mean[0, 0].numpy(), p, 0.5)
+        r_blob = energy_radius(blob.mean[0, 0].numpy(), p, 0.5)
+        assert abs(r_ref - r_blob) <= 1.0
+        radii.append(r_blob)
+    assert radii[1] > radii[0] + 2  # the blob follows the reference, it is not one fixed size
 
 
 def test_compare_scores_identical_fields_as_identical_and_a_permuted_field_as_non_local():

@@ -9,17 +9,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from .common import add_data_args, command_line, load_data_from_args, parse_opts, versions
-
-
-def _int_list(text: str, what: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError as exc:
-        raise ConfigError(f"{what} must be comma-separated integers, e.g. 900,500,100; got '{text}'") from exc
-    if not values:
-        raise ConfigError(f"{what} is empty")
-    return values
+from .common import add_data_args, command_line, int_list, load_data_from_args, parse_opts, versions
 
 
 def register(subparsers) -> None:
@@ -54,8 +44,8 @@ def run(args) -> int:
         raise ConfigError(f"{out} already exists; choose a new --out (schedules are never overwritten)")
     if args.num < 1 or args.batch_size < 1:
         raise ConfigError("--num and --batch-size must be positive")
-    timesteps = _int_list(args.timesteps, "--timesteps") if args.timesteps else None
-    sizes = _int_list(args.sizes, "--sizes") if args.sizes else None
+    timesteps = int_list(args.timesteps, "--timesteps") if args.timesteps else None
+    sizes = int_list(args.sizes, "--sizes") if args.sizes else None
     t0 = time.perf_counter()
     data = load_data_from_args(args)
     held_out = load_data_from_args(args, split=args.held_out_split)

@@ -10,7 +10,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 
 
 def add_data_args(p) -> None:
@@ -40,6 +40,44 @@ def parse_opts(pairs: list[str] | None) -> dict[str, str]:
             raise ConfigError(f"--opt expects key=value, got '{pair}'")
         out[key.strip()] = value.strip()
     return out
+
+
+def name_list(text: str, what: str) -> list[str]:
+    """``"a, b,c"`` -> ``["a", "b", "c"]``; an empty list is an error naming the flag ``what``."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ConfigError(f"{what} is empty")
+    return names
+
+
+def int_list(text: str, what: str) -> list[int]:
+    """``"900,500,100"`` -> ``[900, 500, 100]``, with an error naming the flag ``what``."""
+    try:
+        return [int(v) for v in name_list(text, what)]
+    except ValueError as exc:
+        raise ConfigError(f"{what} must be comma-separated integers, e.g. 900,500,100; got '{text}'") from exc
+
+
+def model_options(pairs, models) -> dict[str, dict[str, str]]:
+    """``["masked.tau=0.005"]`` -> ``{"masked": {"tau": "0.005"}, ...}`` for every model in ``models``."""
+    opts: dict[str, dict[str, str]] = {m: {} for m in models}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        model, dot, field = key.partition(".")
+        if not sep or not dot or not field:
+            raise ConfigError(f"--opt expects MODEL.KEY=VALUE, got '{pair}'")
+        if model not in opts:
+            raise ConfigError(f"--opt names model '{model}', which is not in --models ({', '.join(models)})")
+        opts[model][field.strip()] = value.strip()
+    return opts
+
+
+def load_held_out(load_split, split: str, purpose: str):
+    """``load_split(split)``, with a DataError that says what the held-out images are for."""
+    try:
+        return load_split(split)
+    except DataError as exc:
+        raise DataError(f"{exc}\n(held-out images {purpose}; choose another --held-out-split)") from exc
 
 
 def versions() -> dict:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from ..errors import ConfigError, DataError
-from .common import add_data_args, command_line, load_data_from_args, new_run_dir, versions
-from .fields import model_options
+from ..errors import ConfigError
+from .common import (add_data_args, command_line, int_list, load_data_from_args, load_held_out, model_options,
+                     name_list, new_run_dir, versions)
 
 
 def register(subparsers) -> None:
@@ -31,16 +31,6 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="new directory for the results (never overwritten)")
     p.set_defaults(func=run)
-
-
-def _timesteps(text: str) -> list[int]:
-    try:
-        ts = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError as exc:
-        raise ConfigError(f"--timesteps must be comma-separated integers, got '{text}'") from exc
-    if not ts:
-        raise ConfigError("--timesteps is empty")
-    return ts
 
 
 def format_table(results: dict, timesteps: list[int]) -> str:
@@ -81,10 +71,8 @@ def run(args) -> int:
     from ..evaluate import denoising_mse
     from ..fileio import write_bytes, write_json
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if not models:
-        raise ConfigError("--models is empty")
-    timesteps = _timesteps(args.timesteps)
+    models = name_list(args.models, "--models")
+    timesteps = int_list(args.timesteps, "--timesteps")
     if args.num < 1:
         raise ConfigError(f"--num must be positive, got {args.num}")
     if args.samples < 0 or args.samples > args.num or args.sample_steps < 1:
@@ -93,10 +81,7 @@ def run(args) -> int:
     with new_run_dir(args.out) as tmp:
         t0 = time.perf_counter()
         data = load_data_from_args(args)
-        try:
-            held_out = load_data_from_args(args, split=args.held_out_split)
-        except DataError as exc:
-            raise DataError(f"{exc}\n(held-out images to denoise; choose another --held-out-split)") from exc
+        held_out = load_held_out(lambda s: load_data_from_args(args, split=s), args.held_out_split, "to denoise")
         if args.num < len(held_out):
             held_out = held_out.subset(args.num, seed=args.seed)
         images = held_out.tensor()

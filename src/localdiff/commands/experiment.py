@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from ..errors import ConfigError
-from .common import command_line, new_run_dir, versions
+from .common import command_line, int_list, name_list, new_run_dir, versions
 
 EXPERIMENTS = ("locality-follows-data",)
 QUICK = dict(sets=("grf", "grf-aniso"), train_steps=40, subset=2000, timesteps=(300,), draws=2, linear_steps=150)
@@ -61,12 +61,9 @@ def _unet_dirs(pairs) -> dict[str, str]:
 def config_from_args(args):
     from ..experiment import ExperimentConfig
 
-    try:
-        timesteps = tuple(int(t) for t in args.timesteps.split(",") if t.strip())
-    except ValueError as exc:
-        raise ConfigError(f"--timesteps must be comma-separated integers, got '{args.timesteps}'") from exc
+    timesteps = tuple(int_list(args.timesteps, "--timesteps"))
     cfg = ExperimentConfig(
-        sets=tuple(s.strip() for s in args.sets.split(",") if s.strip()), unet_config=args.config,
+        sets=tuple(name_list(args.sets, "--sets")), unet_config=args.config,
         train_steps=args.train_steps, subset=args.subset, timesteps=timesteps, pixels=args.pixels,
         draws=args.draws, linear=not args.no_linear, linear_steps=args.linear_steps, seed=args.seed,
         device=args.device)

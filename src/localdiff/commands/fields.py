@@ -6,8 +6,8 @@ import time
 
 import numpy as np
 
-from ..errors import ConfigError, DataError
-from .common import add_data_args, command_line, load_data_from_args, new_run_dir, versions
+from .common import (add_data_args, command_line, int_list, load_data_from_args, load_held_out, model_options,
+                     name_list, new_run_dir, versions)
 
 
 def register(subparsers) -> None:
@@ -29,40 +29,20 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def model_options(pairs, models) -> dict[str, dict[str, str]]:
-    opts: dict[str, dict[str, str]] = {m: {} for m in models}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        model, dot, field = key.partition(".")
-        if not sep or not dot or not field:
-            raise ConfigError(f"--opt expects MODEL.KEY=VALUE, got '{pair}'")
-        if model not in opts:
-            raise ConfigError(f"--opt names model '{model}', which is not in --models ({', '.join(models)})")
-        opts[model][field.strip()] = value.strip()
-    return opts
-
-
 def run(args) -> int:
     from .. import make_denoiser
     from ..fileio import write_json, write_npz
     from ..report.figures import plot_fields, save_figure
     from ..sensitivity import field_similarity, locality_measures, parse_pixels, sensitivity_fields
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if not models:
-        raise ConfigError("--models is empty")
-    try:
-        timesteps = [int(t) for t in args.timesteps.split(",") if t.strip()]
-    except ValueError as exc:
-        raise ConfigError(f"--timesteps must be comma-separated integers, got '{args.timesteps}'") from exc
+    models = name_list(args.models, "--models")
+    timesteps = int_list(args.timesteps, "--timesteps")
     opts = model_options(args.opt, models)
     with new_run_dir(args.out) as tmp:
         t0 = time.perf_counter()
         data = load_data_from_args(args)
-        try:
-            held_out = load_data_from_args(args, split=args.held_out_split)
-        except DataError as exc:
-            raise DataError(f"{exc}\n(held-out images for the x_t draws; choose another --held-out-split)") from exc
+        held_out = load_held_out(lambda s: load_data_from_args(args, split=s), args.held_out_split,
+                                 "for the x_t draws")
         pixels = parse_pixels(args.pixels, data.shape)
         fields, timings = {}, {}
         for name in models:

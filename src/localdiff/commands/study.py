@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, DataError
-from .common import command_line, new_run_dir, versions
+from ..errors import ConfigError
+from .common import command_line, int_list, load_held_out, model_options, name_list, new_run_dir, versions
 
 
 def register(subparsers) -> None:
@@ -81,13 +81,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _names(text: str, what: str) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    if not names:
-        raise ConfigError(f"{what} is empty")
-    return names
-
-
 def build_config(args, device):
     """The preset for this device (or --quick), with every option the user gave on top."""
     from ..study import ANALYTICAL_MODELS, default_config
@@ -95,7 +88,7 @@ def build_config(args, device):
     base = default_config(device, args.quick)
     given: dict = {}
     if args.models is not None:
-        models = _names(args.models, "--models")
+        models = tuple(name_list(args.models, "--models"))
         given["models"] = ANALYTICAL_MODELS if models == ("all",) else tuple(m for m in models if m != "unet")
         if "unet" in models and args.no_unet:
             raise ConfigError("--models names unet but --no-unet is given")
@@ -104,13 +97,9 @@ def build_config(args, device):
             given[key] = getattr(args, key)
     if args.field_models is not None:
         given["field_models"] = () if args.field_models.strip().lower() == "none" else \
-            _names(args.field_models, "--field-models")
+            tuple(name_list(args.field_models, "--field-models"))
     if args.field_timesteps is not None:
-        try:
-            given["field_timesteps"] = tuple(int(t) for t in _names(args.field_timesteps, "--field-timesteps"))
-        except ValueError as exc:
-            raise ConfigError(f"--field-timesteps must be comma-separated integers, got '{args.field_timesteps}'") \
-                from exc
+        given["field_timesteps"] = tuple(int_list(args.field_timesteps, "--field-timesteps"))
     if args.pixels is not None:
         given["field_pixels"] = args.pixels
     given["unet"] = not args.no_unet
@@ -218,7 +207,6 @@ def run(args) -> int:
     from ..data import load_dataset
     from ..denoisers.base import resolve_device
     from ..study import REFERENCE, ReferenceUnavailable, run_study
-    from .fields import model_options
 
     device = resolve_device(args.device)
     config = build_config(args, device)
@@ -234,11 +222,8 @@ def run(args) -> int:
     with new_run_dir(out) as tmp:
         load = {"resolution": args.resolution, "channels": args.channels}
         data = load_dataset(source, split=args.split, **load)
-        try:
-            held_out = load_dataset(source, split=args.held_out_split, **load)
-        except DataError as exc:
-            raise DataError(f"{exc}\n(held-out images for the fields and the memorisation yardstick; choose "
-                            "another --held-out-split)") from exc
+        held_out = load_held_out(lambda s: load_dataset(source, split=s, **load), args.held_out_split,
+                                 "for the fields and the memorisation yardstick")
         try:
             results = run_study(data, held_out, config, options={k: v for k, v in opts.items() if v},
                                 progress=not args.no_progress)

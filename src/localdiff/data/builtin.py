@@ -305,6 +305,19 @@ def load_natural_patches(split: str, seed: int, resolution: int | None, num: int
 # ------------------------------------------------------------------------------------------------
 
 
+def _synthetic_splits(generate, split: str, seed: int, num: int | None) -> RawData:
+    """Train (20,000 images) and test (2,000; ``num`` each when given): independent draws of one field;
+    ``generate(count, seed)`` returns an ImageDataset; test uses the generator stream after train's."""
+    counts = {"train": int(num or 20000), "test": int(num or 2000)}
+    parts = [generate(counts[s], int(seed) * 2 + (s == "test"))
+             for s in (("train", "test") if split == "all" else (split,))]
+    images = np.concatenate([p.raw for p in parts])
+    meta = {k: v for k, v in parts[0].meta.items() if k not in ("num", "seed", "clipped_values")}
+    meta.update(format="synthetic", num=[len(p) for p in parts],
+                clipped_values=sum(p.meta["clipped_values"] for p in parts))
+    return RawData(images, None, meta, resized=True)
+
+
 # grf: stationary Gaussian random fields with a power-law spectrum (synthetic, known covariance)
 def load_grf(split: str, seed: int, resolution: int | None, num: int | None = None, alpha: float = 3.0,
              anisotropy: float = 1.0) -> RawData:
@@ -312,15 +325,8 @@ def load_grf(split: str, seed: int, resolution: int | None, num: int | None = No
     from .synthetic import gaussian_random_field
 
     size = int(resolution or 16)
-    counts = {"train": int(num or 20000), "test": int(num or 2000)}
-    parts = [gaussian_random_field(counts[s], size, alpha=float(alpha), anisotropy=float(anisotropy),
-                                   seed=int(seed) * 2 + (s == "test"))
-             for s in (("train", "test") if split == "all" else (split,))]
-    images = np.concatenate([p.raw for p in parts])
-    meta = {k: v for k, v in parts[0].meta.items() if k not in ("num", "seed", "clipped_values")}
-    meta.update(format="synthetic", num=[len(p) for p in parts],
-                clipped_values=sum(p.meta["clipped_values"] for p in parts))
-    return RawData(images, None, meta, resized=True)
+    return _synthetic_splits(lambda count, s: gaussian_random_field(
+        count, size, alpha=float(alpha), anisotropy=float(anisotropy), seed=s), split, seed, num)
 
 
 def load_grf_aniso(split: str, seed: int, resolution: int | None, num: int | None = None, alpha: float = 3.0,
@@ -336,15 +342,8 @@ def load_grf_varying(split: str, seed: int, resolution: int | None, num: int | N
     from .synthetic import varying_blur_field
 
     size = int(resolution or 16)
-    counts = {"train": int(num or 20000), "test": int(num or 2000)}
-    parts = [varying_blur_field(counts[s], size, sigma_left=float(sigma_left), sigma_right=float(sigma_right),
-                                seed=int(seed) * 2 + (s == "test"))
-             for s in (("train", "test") if split == "all" else (split,))]
-    images = np.concatenate([p.raw for p in parts])
-    meta = {k: v for k, v in parts[0].meta.items() if k not in ("num", "seed", "clipped_values")}
-    meta.update(format="synthetic", num=[len(p) for p in parts],
-                clipped_values=sum(p.meta["clipped_values"] for p in parts))
-    return RawData(images, None, meta, resized=True)
+    return _synthetic_splits(lambda count, s: varying_blur_field(
+        count, size, sigma_left=float(sigma_left), sigma_right=float(sigma_right), seed=s), split, seed, num)
 
 
 @dataclass(frozen=True)

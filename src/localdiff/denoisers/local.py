@@ -49,7 +49,7 @@ import torch
 from ..errors import ConfigError
 from ..stats import Spectrum, data_spectrum
 from .base import Denoiser, DenoiserConfig, register, resolve_dtype
-from .linear import wiener_gain
+from .linear import wiener_gain, wiener_gain_eigs
 
 LOG2E = 1.4426950408889634
 NORMALIZATIONS = ("diag", "sym")
@@ -415,8 +415,9 @@ class MaskedDenoiser(Denoiser):
         """Warn when a varying pixel's own mask leaves it out: with the official row-by-diagonal rule a
         nearly constant pixel (tiny G[m, m], common on small subsets) inflates the global maximum, the
         threshold rises above every other entry, and outputs collapse to the mean image."""
-        G_diag = wiener_gain(self.spectrum, self.schedule.a(t), self.schedule.b2(t)).diagonal()
-        varying = G_diag.abs() >= DIAG_EPS
+        spec = self.spectrum
+        gain_diag = spec.eigvecs.square() @ wiener_gain_eigs(spec.eigvals, self.schedule.a(t), self.schedule.b2(t))
+        varying = gain_diag.abs() >= DIAG_EPS  # diag(U g U^T) in O(n^2), not the [n, n] gain
         lost = int((varying & ~m.diagonal().to(varying.device)).sum())
         if lost:
             warnings.warn(

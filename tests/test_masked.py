@@ -6,7 +6,7 @@ import torch
 
 from localdiff import make_denoiser, sample
 from localdiff.data.dataset import ImageDataset
-from localdiff.denoisers.local import MaskedDenoiser, default_tau, wiener_masks
+from localdiff.denoisers.local import MaskedDenoiser, default_tau, row_runs, wiener_masks
 from localdiff.diffusion import DEFAULT_SCHEDULE as S
 from localdiff.errors import ConfigError
 from localdiff.stats import Spectrum, data_spectrum
@@ -122,6 +122,66 @@ def test_equals_brute_force(smooth, tau, t, tmp_cache):
     x32 = x.float()
     ref32 = plain_masked(x32.reshape(3, -1).double().numpy(), y, masks, t)
     np.testing.assert_allclose(at(den32, x32, t), ref32, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse", "runs"])
+def test_every_way_of_computing_q_is_exact(smooth, mode, tmp_cache):
+    """Q = M^T (Y*Y) by a dense product, a sparse one, or the masks' row runs over cumulative sums: the
+    outputs equal the brute force whichever is forced (the cost model picks one per timestep)."""
+    y = flat(smooth)
+    for t in (40, 600):
+        masks = plain_masks(plain_gain(y, t), 0.05)
+        x = queries(smooth, t)
+        ref = plain_masked(x.reshape(3, -1).numpy(), y, masks, t)
+        den = make_denoiser("masked", smooth, device="cpu", tau=0.05, chunk=9, dtype="float64")
+        den.plan(t, 3).q_mode = mode  # the cached plan is the one the call uses
+        np.testing.assert_allclose(at(den, x, t), ref, atol=1e-9, err_msg=f"t={t}")
+        q = torch.cat(den._q[t], dim=1).numpy()  # the cached Q itself, [n, K]
+        np.testing.assert_allclose(q, masks.T.astype(np.float64) @ (y * y).T, atol=1e-10)
+
+
+def test_row_runs_sum_the_mask_through_cumulative_sums():
+    """D @ cumsum_w(v) == M @ v for masks with runs touching both image edges, several channels."""
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 3, 7)
+    n = 42
+    m = torch.rand(9, n, generator=g) < 0.5
+    m[0] = True  # every pixel: one run per image row
+    m[1] = False
+    m[2, ::7] = True  # single pixels at w = 0
+    v = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    d = row_runs(m, shape).to_dense().double()
+    c = torch.cumsum(v.view(6, 7, 5), dim=1).view(n, 5)
+    torch.testing.assert_close(d @ c, m.double() @ v, atol=1e-12, rtol=0)
+    assert int((d != 0).sum(dim=1)[0]) == 6  # one run per image row: its end only (it starts at w = 0)
+    assert int((d != 0).sum(dim=1)[1]) == 0
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_worker_threads_share_blocks_exactly_and_restore_torch_threads(smooth, threads, tmp_cache):
+    """The blocks are shared out among worker threads (3 workers: an uneven share of 7 blocks) whose
+    softmax states are merged; the result equals the brute force and torch's thread count is unchanged."""
+    y = flat(smooth)
+    before = torch.get_num_threads()
+    for t in (5, 300):  # t = 5: very unequal shifts between the workers' first blocks
+        masks = plain_masks(plain_gain(y, t), 0.05)
+        x = queries(smooth, t)
+        den = make_denoiser("masked", smooth, device="cpu", tau=0.05, chunk=9, dtype="float64", threads=threads)
+        assert den.columns.num_blocks == 7 and den._workers() == threads
+        np.testing.assert_allclose(at(den, x, t), plain_masked(x.reshape(3, -1).numpy(), y, masks, t), atol=1e-9)
+        assert torch.get_num_threads() == before
+    avg = make_denoiser("masked", smooth, device="cpu", tau=0.05, chunk_average=9, dtype="float64", threads=threads)
+    x = queries(smooth, 300)
+    np.testing.assert_allclose(at(avg, x, 300),
+                               plain_chunk_average(x.reshape(3, -1).numpy(), y, plain_masks(plain_gain(y, 300), 0.05),
+                                                   300, 9), atol=1e-9)
+
+
+def test_default_blocks_are_shared_evenly_by_the_workers(tmp_cache):
+    big = smooth_images(num=6000, side=28)  # blocks of 2,674 images: 3, uneven for 2 workers
+    assert make_denoiser("masked", big, device="cpu", threads=2).columns.num_blocks == 4
+    assert make_denoiser("masked", big, device="cpu", threads=3).columns.num_blocks == 3
+    assert make_denoiser("masked", big, device="cpu", threads=2, chunk=2674).columns.num_blocks == 3  # as asked
 
 
 def test_plans_exercise_cores_tiles_and_empty_masks(smooth, tmp_cache):
@@ -302,7 +362,7 @@ def test_options_defaults_and_sampling(smooth, tmp_cache):
     assert default_tau((3, 32, 32))[0] == 0.05
     assert default_tau((3, 64, 64))[0] == 0.02
     for bad in (dict(tau=1.5), dict(tau=-0.1), dict(temperature=0), dict(normalize="rows"), dict(path="fast"),
-                dict(chunk=0), dict(chunk_average=0), dict(dtype="float16"), dict(tile="2by2")):
+                dict(chunk=0), dict(chunk_average=0), dict(dtype="float16"), dict(tile="2by2"), dict(threads=0)):
         with pytest.raises(ConfigError):
             make_denoiser("masked", smooth, device="cpu", **bad)
     out = sample(make_denoiser("masked", smooth, device="cpu", tau=0.05), num=2, steps=3, progress=False)

@@ -103,8 +103,13 @@ class ImageDataset:
         if size <= 0:
             raise ValueError(f"chunk size must be positive, got {size}")
         for start in range(0, len(self), size):
-            x = _to_float(self.raw[start : start + size], device=device, dtype=dtype)
-            yield x.reshape(x.shape[0], -1) if flat else x
+            yield self.chunk_at(start, size, device=device, dtype=dtype, flat=flat)
+
+    def chunk_at(self, start: int, size: int, *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, flat: bool = False) -> torch.Tensor:
+        """Images ``start .. start + size - 1`` (fewer at the end) as ``[k, C, H, W]`` (or ``[k, n]``)."""
+        x = _to_float(self.raw[start : start + size], device=device, dtype=dtype)
+        return x.reshape(x.shape[0], -1) if flat else x
 
     def tensor(self, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                flat: bool = False) -> torch.Tensor:

@@ -136,7 +136,7 @@ def test_every_way_of_computing_q_is_exact(smooth, mode, tmp_cache):
         den = make_denoiser("masked", smooth, device="cpu", tau=0.05, chunk=9, dtype="float64")
         den.plan(t, 3).q_mode = mode  # the cached plan is the one the call uses
         np.testing.assert_allclose(at(den, x, t), ref, atol=1e-9, err_msg=f"t={t}")
-        q = torch.cat(den._q[t], dim=1).numpy()  # the cached Q itself, [n, K]
+        q = den._q[t].numpy()  # the cached Q itself, [n, K]
         np.testing.assert_allclose(q, masks.T.astype(np.float64) @ (y * y).T, atol=1e-10)
 
 
@@ -167,7 +167,8 @@ def test_worker_threads_share_blocks_exactly_and_restore_torch_threads(smooth, t
         masks = plain_masks(plain_gain(y, t), 0.05)
         x = queries(smooth, t)
         den = make_denoiser("masked", smooth, device="cpu", tau=0.05, chunk=9, dtype="float64", threads=threads)
-        assert den.columns.num_blocks == 7 and den._workers() == threads
+        assert den._block_width(den.plan(t, 3), 3) == 9  # as asked: 7 blocks, 3 workers get 3, 2 and 2
+        assert den._workers() == threads
         np.testing.assert_allclose(at(den, x, t), plain_masked(x.reshape(3, -1).numpy(), y, masks, t), atol=1e-9)
         assert torch.get_num_threads() == before
     avg = make_denoiser("masked", smooth, device="cpu", tau=0.05, chunk_average=9, dtype="float64", threads=threads)
@@ -177,11 +178,19 @@ def test_worker_threads_share_blocks_exactly_and_restore_torch_threads(smooth, t
                                                    300, 9), atol=1e-9)
 
 
-def test_default_blocks_are_shared_evenly_by_the_workers(tmp_cache):
-    big = smooth_images(num=6000, side=28)  # blocks of 2,674 images: 3, uneven for 2 workers
-    assert make_denoiser("masked", big, device="cpu", threads=2).columns.num_blocks == 4
-    assert make_denoiser("masked", big, device="cpu", threads=3).columns.num_blocks == 3
-    assert make_denoiser("masked", big, device="cpu", threads=2, chunk=2674).columns.num_blocks == 3  # as asked
+def test_block_widths_follow_the_plan_and_are_shared_evenly(tmp_cache):
+    big = smooth_images(num=6000, side=28)
+    den = make_denoiser("masked", big, device="cpu", threads=2)
+    assert den.settings()["chunk"] == "per timestep"
+    widths = {t: den._block_width(den.plan(t, 8), 8) for t in (900, 0)}
+    assert 512 <= widths[900] < widths[0] <= 8192  # big masks: narrow blocks; tiny masks: wide ones
+    for t, w in widths.items():
+        bounds = den.columns.bounds(w, 2)
+        assert len(bounds) % 2 == 0 and bounds[0][0] == 0 and bounds[-1][1] == 6000
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))  # consecutive, no gaps
+    assert len(den.columns.bounds(2674, 3)) == 3 and len(den.columns.bounds(2674, 2)) == 4
+    fixed = make_denoiser("masked", big, device="cpu", threads=2, chunk=1000)
+    assert fixed._block_width(fixed.plan(900, 8), 8) == 1000 and fixed.settings()["chunk"] == 1000
 
 
 def test_plans_exercise_cores_tiles_and_empty_masks(smooth, tmp_cache):

@@ -29,7 +29,8 @@ How it is computed, exactly (the exact global softmax; see "Exactness" below):
 * ``exp2`` instead of ``exp`` (the same function in log2 units, about 3x faster on CPU).
 * On the CPU the training blocks are shared out among worker threads (``threads``, default torch's
   thread count), each running torch single-threaded with its own softmax states, merged at the end:
-  the per-tile products are too small to split well over cores.
+  the per-tile products are too small to split well over cores. The block width follows the plan:
+  narrow where masks are big (a tile's working set stays in cache), wide where they are small.
 
 Exactness: weights below ``2^-64`` of the running maximum are dropped (they change x0_hat by less
 than ``K 2^-64`` relative, and as subnormal floats they would slow the products a hundredfold).
@@ -63,6 +64,7 @@ PATHS = ("auto", "grouped", "dense")
 DIAG_EPS = 1e-6  # the official code replaces |G[m, m]| < 1e-6 by 1 before dividing
 CHUNK_AVERAGE_EPS = 1e-8  # the official code adds 1e-8 to the summed chunk weights
 NEGLIGIBLE_LOG2 = -64.0  # weights below 2^-64 of the running total are dropped (see _exp_and_sum)
+BLOCK_ELEMENTS = 450_000  # CPU: a tile's gathered rows plus logits per block of training images (~1.8 MB)
 WEIGHTS_RESIDENT = 1 << 24  # build the tiles' weight matrices once per call below this many elements
 DENSE_Q_MAX = 4096  # largest n for which Q may be computed by one dense [n, n] product per block
 # Q = M^T (Y*Y), query-independent (cached per timestep), on a cache miss by: "dense" one [n, n] product
@@ -297,30 +299,42 @@ def row_runs(rows: torch.Tensor, shape) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 class ColumnBlocks:
-    """The training images as pixel-major blocks ``YT`` [n, k] (one column per image), kept on the
-    device when they fit in ``max_resident_bytes`` (or as asked), otherwise converted block by block."""
+    """The training images pixel-major, ``YT`` [n, K] (one column per image): kept whole on the device
+    when it fits in ``max_resident_bytes`` (or as asked), so that a block of any width is a view;
+    otherwise each block is converted when it is needed. Iterating gives blocks of ``chunk`` images."""
 
     def __init__(self, data, *, device: torch.device, dtype: torch.dtype, chunk: int,
                  resident: bool | None = None, max_resident_bytes: int = 4 << 30):
         self.data, self.device, self.dtype, self.chunk = data, device, dtype, int(chunk)
-        self.num_blocks = -(-len(data) // self.chunk)
         nbytes = len(data) * data.dim * torch.finfo(dtype).bits // 8
         self.resident = nbytes <= max_resident_bytes if resident is None else bool(resident)
-        self._blocks = [self._convert(i) for i in range(self.num_blocks)] if self.resident else None
+        self._full = None
+        if self.resident:
+            self._full = torch.empty((data.dim, len(data)), device=device, dtype=dtype)
+            for start in range(0, len(data), self.chunk):
+                y = data.chunk_at(start, self.chunk, device=device, dtype=dtype, flat=True)
+                self._full[:, start:start + y.shape[0]] = y.T
 
-    def _convert(self, i: int) -> torch.Tensor:
-        y = self.data.chunk_at(i * self.chunk, self.chunk, device=self.device, dtype=self.dtype, flat=True)
-        return y.T.contiguous()  # [n, k]
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        """Images ``start .. stop - 1`` as [n, stop - start] (a view when resident, else converted now)."""
+        if self._full is not None:
+            return self._full[:, start:stop]
+        return self.data.chunk_at(start, stop - start, device=self.device, dtype=self.dtype, flat=True).T.contiguous()
 
-    def block(self, i: int) -> torch.Tensor:
-        """Block i: images ``i * chunk ..`` as [n, k] (converted now when the set is not resident)."""
-        return self._blocks[i] if self._blocks is not None else self._convert(i)
+    def bounds(self, width: int, multiple: int = 1) -> list[tuple[int, int]]:
+        """``(start, stop)`` of consecutive blocks of about ``width`` images; their number is rounded up to
+        a multiple of ``multiple`` (when there is more than one) so that workers get equal shares."""
+        K, width = len(self), max(1, int(width))
+        blocks = -(-K // width)
+        if blocks > 1 and blocks % multiple:
+            width = -(-K // (-(-blocks // multiple) * multiple))
+        return [(s, min(s + width, K)) for s in range(0, K, width)]
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __iter__(self):
-        return (self.block(i) for i in range(self.num_blocks))
+        return (self.block(s, e) for s, e in self.bounds(self.chunk))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -332,7 +346,7 @@ class MaskedConfig(DenoiserConfig):
     tau: float | None = None  # mask threshold, a fraction of max |normalised G_t|; None = by image shape
     temperature: float = 1.0  # softmax temperature T
     normalize: str = "diag"  # mask normalisation: "diag" (official, row by its diagonal) or "sym"
-    chunk: int | None = None  # training images per streamed block (None: sized to the cache); exact mode
+    chunk: int | None = None  # training images per streamed block (None: per timestep on the CPU); exact mode
     # does not depend on it
     chunk_average: int | None = None  # compatibility: the official chunk-normalised softmax, chunks of N
     dtype: str = "float32"  # arithmetic of the big products; softmax states are always float64
@@ -383,18 +397,16 @@ class MaskedDenoiser(Denoiser):
             chunk = config.chunk_average
         elif config.chunk is not None:
             chunk = config.chunk
-        else:  # a block [n, k] of about 8 MB (float32) on the CPU, 256 MB on a GPU, and on the CPU a
-            # number of blocks that the worker threads share evenly
+        else:  # a block [n, k] of about 8 MB (float32) on the CPU, 256 MB on a GPU; on the CPU the tiled
+            # path sizes its blocks per timestep instead (see _block_width)
             budget = (64 << 20) if self.device.type == "cuda" else (2 << 20)  # elements
             chunk = max(256, min(len(data), budget // n))
-            blocks, workers = -(-len(data) // chunk), self._workers()
-            if blocks > 1 and blocks % workers:
-                chunk = -(-len(data) // (-(-blocks // workers) * workers))
         self.columns = ColumnBlocks(data, device=self.device, dtype=self.dtype, chunk=chunk,
                                     resident=config.resident)
+        self._fixed_width = config.chunk is not None or config.chunk_average is not None or self.device.type != "cpu"
         self._masks: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._plans: OrderedDict[tuple[int, int], MaskPlan] = OrderedDict()
-        self._q: dict[int, list[torch.Tensor]] = {}
+        self._q: dict[int, torch.Tensor] = {}  # Q [n, K] per timestep
 
     @staticmethod
     def _validate(c: MaskedConfig) -> None:
@@ -431,7 +443,8 @@ class MaskedDenoiser(Denoiser):
 
     def settings(self) -> dict:
         out = super().settings()
-        out.update(tau=self.tau, tau_rule=self.tau_rule, chunk=self.columns.chunk,
+        out.update(tau=self.tau, tau_rule=self.tau_rule,
+                   chunk=self.columns.chunk if self._fixed_width else "per timestep",
                    masks="given" if self._mask_override is not None else "wiener")
         return out
 
@@ -560,17 +573,21 @@ class MaskedDenoiser(Denoiser):
             xa_core=[xa[:, tl.core] for tl in tiles],  # [B, c]
             gather=[torch.cat([tl.resid, tl.core]) for tl in tiles],
         )
-        workers = min(self._workers(), self.columns.num_blocks)
+        workers = self._workers()
+        # blocks as asked (chunk, chunk_average), else in a number the workers share evenly
+        bounds = self.columns.bounds(self._block_width(plan, B), 1 if self._fixed_width else workers)
+        workers = min(workers, len(bounds))
         weights = sum(B * len(tl.out) * (B + 1 + len(tl.out) + len(tl.resid)) for tl in tiles)
         ctx["resident"] = weights * workers <= WEIGHTS_RESIDENT  # each worker holds its own
-        shares = [list(range(w, self.columns.num_blocks, workers)) for w in range(workers)]
-        parts = self._in_workers(lambda ids: self._stream(ctx, ids), shares)
+        if ctx["store_q"]:  # the workers fill disjoint column ranges
+            ctx["q_store"] = torch.empty((n, len(self.columns)), device=self.device, dtype=self.dtype)
+        shares = [bounds[w::workers] for w in range(workers)]
+        parts = self._in_workers(lambda share: self._stream(ctx, share), shares)
 
         average = self.config.chunk_average is not None
         first = parts[0]
         for part in parts[1:]:  # merge: sums rescaled to the larger of the two shifts
             first["empty"] += part["empty"]
-            first["q"].update(part["q"])
             for ti in range(len(tiles)):
                 if average:
                     first["means"][ti] += part["means"][ti]
@@ -584,9 +601,9 @@ class MaskedDenoiser(Denoiser):
                 s = torch.maximum(s0, s1)
                 first["totals"][ti] = first["totals"][ti] * torch.exp2(s0 - s) + part["totals"][ti] * torch.exp2(s1 - s)
                 first["shifts"][ti] = s
-        blocks = self.columns.num_blocks
+        blocks = len(bounds)
         if ctx["store_q"]:
-            self._q[t] = [first["q"][bi] for bi in range(blocks)]
+            self._q[t] = ctx["q_store"]
         out = torch.empty((B, n), device=self.device, dtype=torch.float64)
         for ti, tl in enumerate(tiles):
             if average:
@@ -618,8 +635,20 @@ class MaskedDenoiser(Denoiser):
         finally:
             torch.set_num_threads(threads)
 
-    def _stream(self, ctx: dict, block_ids: list[int]) -> dict:
-        """One worker's share: the training blocks ``block_ids``, every tile, its own buffers and state.
+    def _block_width(self, plan: MaskPlan, B: int) -> int:
+        """Training images per block for this plan: the given ``chunk``, or on the CPU as many as keep a
+        tile's working set (gathered rows [u, k] and logits [k, B*g]) near ``BLOCK_ELEMENTS``. Measured
+        on MNIST: ~750 at high noise (u ~ 450, B*g = 128) is 10-15% faster than 2,500, while at low noise
+        (u < 100) wide blocks win, the per-call overheads dominating."""
+        if self._fixed_width or not plan.tiles:
+            return self.columns.chunk
+        rows = sum(B + 1 + len(tl.out) + len(tl.resid) + len(tl.core) for tl in plan.tiles) / len(plan.tiles)
+        cols = max(B * len(tl.out) for tl in plan.tiles)
+        return int(min(max(BLOCK_ELEMENTS / (rows + cols), 512), 8192))
+
+    def _stream(self, ctx: dict, share: list[tuple[int, int]]) -> dict:
+        """One worker's share: the training blocks ``share`` (image ranges), every tile, its own buffers
+        and state.
 
         Per tile and block one buffer holds, row-contiguously,
         ``[P (B rows: core sums per query); 1; Q[q] (g); Y[resid] (r); Y[core] (c)]``, and the tile's
@@ -637,7 +666,7 @@ class MaskedDenoiser(Denoiser):
         f64 = dict(device=dev, dtype=torch.float64)
         tiles = plan.tiles
 
-        k_max = self.columns.chunk
+        k_max = max(e - s0 for s0, e in share)
         g_max = max((len(tl.out) for tl in tiles), default=1)
         rc_max = max((len(tl.resid) + len(tl.core) for tl in tiles), default=1)
         buf = torch.empty((B + 1 + g_max + rc_max) * k_max, device=dev, dtype=dt)
@@ -651,10 +680,9 @@ class MaskedDenoiser(Denoiser):
         totals = [torch.zeros((1 + len(tl.out), B * len(tl.out)), **f64) for tl in tiles]
         means = [torch.zeros(B * len(tl.out), **f64) for tl in tiles] if average else None
         empty_sum = torch.zeros(len(plan.empty), **f64)  # empty masks: uniform weights
-        q_new: dict[int, torch.Tensor] = {}
         k_prev = None
-        for bi in block_ids:
-            yt = self.columns.block(bi)  # [n, k]
+        for start, stop in share:
+            yt = self.columns.block(start, stop)  # [n, k], a view when resident
             k = yt.shape[1]
             if k != k_prev:  # lay the buffers out for this block width, with their constant rows
                 rows_all = buf[:(B + 1 + g_max + rc_max) * k].view(-1, k)
@@ -665,7 +693,7 @@ class MaskedDenoiser(Denoiser):
                 views = [self._tile_views(tl, rows_all, v_all, buf_l, B, k) for tl in tiles]
                 k_prev = k
             if q_cached is not None:
-                q_blk = q_cached[bi]
+                q_blk = q_cached[:, start:stop]
             elif plan.q_mode == "dense":  # Q = M^T (Y*Y), all pixels at once [n, k]
                 q_blk = torch.mm(m_t, torch.square(yt))
             else:  # sparse products, on narrow column slices on the CPU (cache-resident: ~3x faster)
@@ -677,7 +705,7 @@ class MaskedDenoiser(Denoiser):
                         sq = torch.cumsum(sq.view(-1, self.shape[2], sq.shape[1]), dim=1).view(n, -1)
                     q_blk[:, s0:s0 + step] = torch.sparse.mm(m_t, sq)
             if ctx["store_q"]:
-                q_new[bi] = q_blk
+                ctx["q_store"][:, start:stop] = q_blk
             if len(plan.empty):
                 part = yt[plan.empty].to(torch.float64)
                 empty_sum += part.mean(dim=1) if average else part.sum(dim=1)
@@ -710,7 +738,7 @@ class MaskedDenoiser(Denoiser):
                     means[ti] += self._diagonal(sums, B, g) / sums[0]
                 else:
                     totals[ti].add_(sums)
-        return dict(shifts=shifts, totals=totals, means=means, empty=empty_sum, q=q_new)
+        return dict(shifts=shifts, totals=totals, means=means, empty=empty_sum)
 
     @staticmethod
     def _tile_views(tl: Tile, rows_all, v_all, buf_l, B: int, k: int):

@@ -558,8 +558,9 @@ class MaskedDenoiser(Denoiser):
         The training blocks are shared out among the worker threads (``_stream``); each keeps its own
         softmax state per tile and the states are merged here. On a CPU every worker runs torch
         single-threaded: the products of a tile are small ([k, ~400] x [~400, B*g]), and splitting each
-        of them over the cores wastes much of the time in synchronisation (on 2 cores, two workers are
-        1.1x (t = 900) to 2.2x (t = 100) faster than one worker using both cores for every product).
+        of them over the cores wastes much of the time in synchronisation (bench_masked.py on 2 cores:
+        two workers are 1.5x (t = 900) to 3.2x (t = 0) faster than one stream using both cores for every
+        product).
         """
         B, n = x.shape
         plan = self.plan(t, B)

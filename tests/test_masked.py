@@ -138,6 +138,12 @@ def test_every_way_of_computing_q_is_exact(smooth, mode, tmp_cache):
         np.testing.assert_allclose(at(den, x, t), ref, atol=1e-9, err_msg=f"t={t}")
         q = den._q[t].numpy()  # the cached Q itself, [n, K]
         np.testing.assert_allclose(q, masks.T.astype(np.float64) @ (y * y).T, atol=1e-10)
+        # with no room to keep Q, each worker computes it into its own buffer, block by block
+        bare = make_denoiser("masked", smooth, device="cpu", tau=0.05, chunk=9, dtype="float64", cache_mb=0,
+                             threads=2)
+        bare.plan(t, 3).q_mode = mode
+        np.testing.assert_allclose(at(bare, x, t), ref, atol=1e-9, err_msg=f"t={t}, Q not kept")
+        assert t not in bare._q
 
 
 def test_row_runs_sum_the_mask_through_cumulative_sums():

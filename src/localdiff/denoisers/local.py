@@ -11,8 +11,9 @@ How it is computed, exactly (the exact global softmax; see "Exactness" below):
 * The ``x_t[m]^2`` term is constant over k and cancels, so in log2 units the logit is
   ``alpha sum_{m in S_i} x[m] y_k[m] - beta Q[k, i]`` with ``alpha = a log2(e) / (b2 T)``,
   ``beta = a^2 log2(e) / (2 b2 T)`` and ``Q = (Y*Y) M`` query-independent (cached per timestep; on a
-  miss computed by a dense product, a sparse one, or, cheapest for MNIST at high noise, from each mask's
-  runs of consecutive pixels along image rows and row-wise cumulative sums of Y*Y: 2 terms per run).
+  miss computed by a dense product, by a gathered sum of the rows of Y*Y (``embedding_bag``), or,
+  cheapest for MNIST at high noise, from each mask's runs of consecutive pixels along image rows and
+  row-wise cumulative sums of Y*Y: 2 terms per run).
 * Output pixels are cut into small spatial tiles q of g pixels (all channels together). Tile q needs
   only ``U_q``, the union of its masks; their intersection (the core) is summed once per query and
   shared. One matrix product per tile and block of k training images gives every logit of the tile:
@@ -68,12 +69,14 @@ BLOCK_ELEMENTS = 450_000  # CPU: a tile's gathered rows plus logits per block of
 WEIGHTS_RESIDENT = 1 << 24  # build the tiles' weight matrices once per call below this many elements
 DENSE_Q_MAX = 4096  # largest n for which Q may be computed by one dense [n, n] product per block
 # Q = M^T (Y*Y), query-independent (cached per timestep), on a cache miss by: "dense" one [n, n] product
-# per block; "sparse" a CSR product with the nnz(M) ones; "runs" each mask as runs of consecutive pixels
-# along image rows, Q[i] = sum over runs of C[end] - C[start - 1] with C the row-wise cumulative sum of
-# Y*Y (a CSR product with 2 entries per run: about 10x fewer than nnz(M) for MNIST at high noise)
+# per block; "sparse" a weighted gather-and-sum of the nnz(M) rows of Y*Y (embedding_bag); "runs" each
+# mask as runs of consecutive pixels along image rows, Q[i] = sum over runs of C[end] - C[start - 1] with
+# C the row-wise cumulative sum of Y*Y (2 terms per run: 5x fewer than nnz(M) for MNIST at high noise)
 Q_MODES = ("dense", "sparse", "runs")
-Q_SLICE = 128  # training images per sparse product on the CPU
-SPARSE_MACS = 2.5  # one multiply-add of such a sparse (CSR) x dense product, in dense-product multiply-adds
+Q_SLICE = 128  # training images per gathered sum on the CPU (cache-resident)
+# one term of such a gathered sum, in dense-product multiply-adds (measured on the CPU: embedding_bag
+# runs 2x faster than the CSR product torch.sparse.mm, with the same sums in the same order)
+SPARSE_MACS = 2.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -570,7 +573,7 @@ class MaskedDenoiser(Denoiser):
         xa = alpha * x  # [B, n]
         ctx = dict(
             plan=plan, B=B, beta=beta, xa=xa, q_cached=q_cached, store_q=q_cached is None and self._q_may_cache(),
-            m_t=self._q_operator(plan) if q_cached is None else None,  # M^T [n, n], dense or sparse CSR
+            m_t=self._q_operator(plan) if q_cached is None else None,  # see _q_operator
             xa_core=[xa[:, tl.core] for tl in tiles],  # [B, c]
             gather=[torch.cat([tl.resid, tl.core]) for tl in tiles],
         )
@@ -673,6 +676,7 @@ class MaskedDenoiser(Denoiser):
         buf = torch.empty((B + 1 + g_max + rc_max) * k_max, device=dev, dtype=dt)
         buf_v = torch.empty((1 + g_max) * k_max, device=dev, dtype=dt)
         buf_l = torch.empty(B * g_max * k_max, device=dev, dtype=dt)
+        buf_q = torch.empty(n * k_max if q_cached is None and not ctx["store_q"] else 0, device=dev, dtype=dt)
         # the weights' shift row is written per tile, so every worker has its own
         weights = [self._tile_weights(tl, xa, beta) if ctx["resident"] else None for tl in tiles]
 
@@ -695,18 +699,9 @@ class MaskedDenoiser(Denoiser):
                 k_prev = k
             if q_cached is not None:
                 q_blk = q_cached[:, start:stop]
-            elif plan.q_mode == "dense":  # Q = M^T (Y*Y), all pixels at once [n, k]
-                q_blk = torch.mm(m_t, torch.square(yt))
-            else:  # sparse products, on narrow column slices on the CPU (cache-resident: ~3x faster)
-                q_blk = torch.empty((n, k), device=dev, dtype=dt)
-                step = Q_SLICE if dev.type == "cpu" else k
-                for s0 in range(0, k, step):
-                    sq = torch.square(yt[:, s0:s0 + step])
-                    if plan.q_mode == "runs":  # row-wise cumulative sums; m_t holds the runs' +-1
-                        sq = torch.cumsum(sq.view(-1, self.shape[2], sq.shape[1]), dim=1).view(n, -1)
-                    q_blk[:, s0:s0 + step] = torch.sparse.mm(m_t, sq)
-            if ctx["store_q"]:
-                ctx["q_store"][:, start:stop] = q_blk
+            else:  # written straight into the cache when it is kept, else into this worker's buffer
+                q_blk = ctx["q_store"][:, start:stop] if ctx["store_q"] else buf_q[:n * k].view(n, k)
+                self._fill_q(q_blk, yt, plan.q_mode, m_t)
             if len(plan.empty):
                 part = yt[plan.empty].to(torch.float64)
                 empty_sum += part.mean(dim=1) if average else part.sum(dim=1)
@@ -740,6 +735,21 @@ class MaskedDenoiser(Denoiser):
                 else:
                     totals[ti].add_(sums)
         return dict(shifts=shifts, totals=totals, means=means, empty=empty_sum)
+
+    def _fill_q(self, q_blk: torch.Tensor, yt: torch.Tensor, q_mode: str, m_t) -> None:
+        """``q_blk`` [n, k] = Q = M^T (Y*Y) of the block ``yt`` [n, k], with ``m_t`` from ``_q_operator``."""
+        if q_mode == "dense":  # all pixels at once
+            q_blk.copy_(torch.mm(m_t, torch.square(yt)))
+            return
+        n, k = yt.shape  # gathered sums of rows, on narrow column slices on the CPU (cache-resident)
+        step = Q_SLICE if yt.device.type == "cpu" else k
+        rows, offsets, signs = m_t
+        for s0 in range(0, k, step):
+            sq = torch.square(yt[:, s0:s0 + step])
+            if q_mode == "runs":  # row-wise cumulative sums; the signs are the runs' +-1
+                sq = torch.cumsum(sq.view(-1, self.shape[2], sq.shape[1]), dim=1).view(n, -1)
+            q_blk[:, s0:s0 + step] = torch.nn.functional.embedding_bag(
+                rows, sq, offsets, mode="sum", per_sample_weights=signs)
 
     @staticmethod
     def _tile_views(tl: Tile, rows_all, v_all, buf_l, B: int, k: int):
@@ -790,24 +800,24 @@ class MaskedDenoiser(Denoiser):
         torch.mul(xa[:, tl.resid].T.unsqueeze(2), tl.sub_t.T.to(xa.dtype).unsqueeze(1), out=w[B + 1 + g:])
         return w.view(B + 1 + g + r, B * g)
 
-    def _q_operator(self, plan: MaskPlan) -> torch.Tensor:
-        """``M^T`` [n, n] in the working dtype for ``Q = M^T (Y*Y)``: dense, or sparse CSR (built from the
-        nonzeros, never as a dense float matrix) where the masks are sparse enough to pay."""
+    def _q_operator(self, plan: MaskPlan):
+        """What ``Q = M^T (Y*Y)`` needs on a cache miss: ``M^T`` [n, n] dense in the working dtype, or,
+        for the sparse modes, per output pixel the rows of (the row-wise cumulative sums of) Y*Y to add
+        and their signs, as ``embedding_bag`` takes them: ``(rows, offsets [n], signs)``, built from the
+        nonzeros, never from a dense float matrix."""
         mt = plan.masks.T
         if plan.q_mode == "dense":
             return mt.to(self.dtype).contiguous()
         n = mt.shape[0]
         if plan.q_mode == "runs":
-            d = row_runs(mt, self.shape)
-            (rows, cols), values = d.indices(), d.values().to(self.dtype)
+            d = row_runs(mt, self.shape)  # coalesced: sorted by output pixel, then by input pixel
+            (pixel, rows), signs = d.indices(), d.values().to(self.dtype)
         else:
-            rows, cols = torch.nonzero(mt, as_tuple=True)  # row-major order
-            values = torch.ones(len(cols), dtype=self.dtype, device=mt.device)
-        crow = torch.zeros(n + 1, dtype=torch.int64, device=mt.device)
-        crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is stable
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(crow, cols, values, (n, n))
+            pixel, rows = torch.nonzero(mt, as_tuple=True)  # row-major order
+            signs = torch.ones(len(rows), dtype=self.dtype, device=mt.device)
+        offsets = torch.zeros(n, dtype=torch.int64, device=mt.device)
+        offsets[1:] = torch.cumsum(torch.bincount(pixel, minlength=n), 0)[:-1]
+        return rows.to(mt.device), offsets, signs.to(mt.device)
 
     def _denoise_differentiable(self, x: torch.Tensor, t: int) -> torch.Tensor:
         """The same model written plainly (``masked_logits``, autograd-friendly, float64), block by block

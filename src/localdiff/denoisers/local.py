@@ -724,7 +724,9 @@ class MaskedDenoiser(Denoiser):
                     sums = self._first_block(logits, v_mat, w, shifts, ti, B)
                 else:
                     sums = self._exp_and_sum(logits, v_mat)
-                    if not bool(torch.isfinite(sums[0]).all()):  # a much better image: new shift
+                    # a much better image: new shift (one reduction; inf or nan in any column makes the
+                    # sum non-finite, and a finite sum too large for the dtype only costs a redo)
+                    if not math.isfinite(sums[0].sum().item()):
                         old = shifts[ti]
                         w[B] = 0.0
                         torch.mm(a_mat.T, w_a, out=logits)

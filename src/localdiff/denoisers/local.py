@@ -193,24 +193,27 @@ def _tiles(shape, th: int, tw: int) -> list[torch.Tensor]:
     return out
 
 
-def _tile_stats(masks: torch.Tensor, nonempty: torch.Tensor, shape, th: int, tw: int):
-    """Per tile (row-major, as ``_tiles``): pixels with a non-empty mask g, union size u, core size c."""
+def _tile_of(shape, th: int, tw: int) -> tuple[torch.Tensor, int]:
+    """The tile (row-major, as ``_tiles``) of every pixel, and the number of tiles."""
     C, H, W = shape
-    ph, pw = -H % th, -W % tw
+    per_row = -(-W // tw)
+    h, w = torch.arange(H)[:, None] // th, torch.arange(W)[None, :] // tw
+    return (h * per_row + w).reshape(-1).repeat(C), -(-H // th) * per_row
 
-    def pooled(m: torch.Tensor, pad_value: bool, reduce) -> torch.Tensor:  # [rows, n] -> [rows, tiles]
-        m = m.view(-1, C, H, W)
-        if ph or pw:
-            m = torch.nn.functional.pad(m.to(torch.uint8), (0, pw, 0, ph), value=int(pad_value)).bool()
-        m = m.reshape(m.shape[0], C, (H + ph) // th, th, (W + pw) // tw, tw)
-        return reduce(reduce(reduce(m, 5), 3), 1).reshape(m.shape[0], -1)
 
-    any_ = lambda m, d: m.any(dim=d)  # noqa: E731
-    all_ = lambda m, d: m.all(dim=d)  # noqa: E731
-    g = pooled(nonempty[None].to(torch.int64), False, lambda m, d: m.sum(dim=d))[0]
-    u = pooled(masks, False, any_).sum(dim=0)
-    c = pooled(masks | ~nonempty[None], True, all_).sum(dim=0)
-    return g.long(), u.long(), torch.where(g > 0, c, torch.zeros_like(c)).long()
+def _tile_stats(masks: torch.Tensor, nonempty: torch.Tensor, shape, th: int, tw: int):
+    """Per tile (row-major, as ``_tiles``): pixels with a non-empty mask g, union size u, core size c.
+
+    ``masks`` [n, n] float (1.0 = in the mask; column i = S_i). Summed over each tile's output pixels,
+    the masks count, for every input pixel j and tile, the tile's masks that contain j: j is in the union
+    where that count is positive, in the core where it equals g (counts of at most n are exact)."""
+    tile, count = _tile_of(shape, th, tw)
+    g = torch.zeros(count, dtype=masks.dtype).index_add_(0, tile, nonempty.to(masks.dtype))
+    hits = torch.zeros((masks.shape[0], count), dtype=masks.dtype).index_add_(1, tile, masks)  # [n, tiles]
+    u = (hits > 0).sum(dim=0)
+    c = (hits == g).sum(dim=0)
+    g = g.long()
+    return g, u.long(), torch.where(g > 0, c, torch.zeros_like(c)).long()
 
 
 def _costs(g, r, c, batch: int, chunk: int):
@@ -237,6 +240,7 @@ def plan_masks(masks: torch.Tensor, shape, batch: int, *, path: str = "auto", ch
     nnz = int(masks.sum())
     m_cpu = masks.cpu()
     nonempty = m_cpu.any(dim=0)
+    m_float = m_cpu.to(torch.float32)  # exact: counts of at most n
     # Q = M^T (Y*Y) on a cache miss, per training image: the cheapest of Q_MODES
     q_costs = {"dense": n * n / _gemm_efficiency(n) if n <= DENSE_Q_MAX else math.inf,
                "sparse": SPARSE_MACS * nnz,
@@ -244,7 +248,7 @@ def plan_masks(masks: torch.Tensor, shape, batch: int, *, path: str = "auto", ch
     q_mode = min(q_costs, key=q_costs.get)
     best = None
     for th, tw in dict.fromkeys((min(th, shape[1]), min(tw, shape[2])) for th, tw in ([tile] if tile else TILE_SHAPES)):
-        g, u, c = _tile_stats(m_cpu, nonempty, shape, th, tw)
+        g, u, c = _tile_stats(m_float, nonempty, shape, th, tw)
         options = []
         if path in ("auto", "grouped"):
             plain = _costs(g, u, torch.zeros_like(c), batch, chunk)
@@ -260,19 +264,20 @@ def plan_masks(masks: torch.Tensor, shape, batch: int, *, path: str = "auto", ch
     _, th, tw, dense, use_core = best
     dev = masks.device
     tiles, macs = [], 0
+    rows = m_cpu.T.contiguous()  # row i = S_i
     for q, core_pays in zip(_tiles(shape, th, tw), use_core.tolist()):
         q = q[nonempty[q]]
         if not len(q):
             continue
-        m_q = m_cpu[:, q]
+        m_q = rows.index_select(0, q)  # [g, n]
         if dense:
             core, resid = torch.zeros(0, dtype=torch.long), torch.arange(n)
         elif core_pays:
-            inter = m_q.all(dim=1)
-            core, resid = torch.nonzero(inter).squeeze(1), torch.nonzero(m_q.any(dim=1) & ~inter).squeeze(1)
+            inter = m_q.all(dim=0)
+            core, resid = torch.nonzero(inter).squeeze(1), torch.nonzero(m_q.any(dim=0) & ~inter).squeeze(1)
         else:
-            core, resid = torch.zeros(0, dtype=torch.long), torch.nonzero(m_q.any(dim=1)).squeeze(1)
-        sub_t = m_q[resid].T.contiguous()  # [g, r]
+            core, resid = torch.zeros(0, dtype=torch.long), torch.nonzero(m_q.any(dim=0)).squeeze(1)
+        sub_t = m_q.index_select(1, resid)  # [g, r]
         macs += len(q) * len(resid) + len(core)
         tiles.append(Tile(q.to(dev), core.to(dev), resid.to(dev), sub_t.to(dev)))
     empty = torch.nonzero(~nonempty).squeeze(1).to(dev)
@@ -286,8 +291,6 @@ def row_runs(rows: torch.Tensor, shape) -> torch.Tensor:
     cumulative sum of any image v equals ``rows @ v``."""
     C, H, W = shape
     m = rows.reshape(-1, C * H, W)
-    before = torch.zeros_like(m)
-    before[..., 1:] = m[..., :-1]
     after = torch.zeros_like(m)
     after[..., :-1] = m[..., 1:]
     ends = m & ~after  # last pixel of a run

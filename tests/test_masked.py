@@ -6,7 +6,7 @@ import torch
 
 from localdiff import make_denoiser, sample
 from localdiff.data.dataset import ImageDataset
-from localdiff.denoisers.local import MaskedDenoiser, default_tau, row_runs, wiener_masks
+from localdiff.denoisers.local import MaskedDenoiser, _tile_stats, _tiles, default_tau, row_runs, wiener_masks
 from localdiff.diffusion import DEFAULT_SCHEDULE as S
 from localdiff.errors import ConfigError
 from localdiff.stats import Spectrum, data_spectrum
@@ -197,6 +197,31 @@ def test_block_widths_follow_the_plan_and_are_shared_evenly(tmp_cache):
     assert len(den.columns.bounds(2674, 3)) == 3 and len(den.columns.bounds(2674, 2)) == 4
     fixed = make_denoiser("masked", big, device="cpu", threads=2, chunk=1000)
     assert fixed._block_width(fixed.plan(900, 8), 8) == 1000 and fixed.settings()["chunk"] == 1000
+
+
+@pytest.mark.parametrize("tile", [(2, 2), (2, 3), (4, 4)])
+def test_tile_counts_equal_plain_set_arithmetic(tile):
+    """The planner's per-tile counts (pixels with a mask g, union u, core c), taken from one index_add,
+    equal sets built pixel by pixel; two channels and tiles cut off at the image's edges (5 x 7)."""
+    shape, n = (2, 5, 7), 70
+    gen = torch.Generator().manual_seed(1)
+    masks = torch.rand(n, n, generator=gen) < 0.3  # column i = S_i
+    masks[:, [3, 40, 41]] = False  # empty masks
+    tiles = _tiles(shape, *tile)
+    covered = torch.cat(tiles).sort().values
+    assert torch.equal(covered, torch.arange(n))  # a partition of the pixels
+    th, tw = tile
+    for q in tiles:  # each tile: one th x tw window (fewer at the edges), the same window in each channel
+        ch, hw = q // 35, q % 35
+        assert torch.equal(ch.bincount(minlength=2)[0], ch.bincount(minlength=2)[1])
+        h, w = hw // 7, hw % 7
+        assert len(set((h // th).tolist())) == 1 and len(set((w // tw).tolist())) == 1
+    g, u, c = _tile_stats(masks.float(), masks.any(dim=0), shape, *tile)
+    for ti, q in enumerate(tiles):
+        sets = [set(torch.nonzero(masks[:, i]).squeeze(1).tolist()) for i in q.tolist() if masks[:, i].any()]
+        assert int(g[ti]) == len(sets)
+        assert int(u[ti]) == len(set().union(*sets))
+        assert int(c[ti]) == (len(set.intersection(*sets)) if sets else 0)
 
 
 def test_plans_exercise_cores_tiles_and_empty_masks(smooth, tmp_cache):

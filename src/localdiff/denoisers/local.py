@@ -181,28 +181,23 @@ def _gemm_efficiency(rows: int) -> float:
     return rows / (rows + 16.0)
 
 
-def _tiles(shape, th: int, tw: int) -> list[torch.Tensor]:
-    """Output pixel indices of each th x tw tile (all channels of a tile together), row-major tiles."""
-    c, h, w = shape
-    hw = torch.arange(h * w).reshape(h, w)
-    out = []
-    for h0 in range(0, h, th):
-        for w0 in range(0, w, tw):
-            pix = hw[h0:h0 + th, w0:w0 + tw].reshape(-1)
-            out.append(torch.cat([pix + ch * h * w for ch in range(c)]))
-    return out
-
-
 def _tile_of(shape, th: int, tw: int) -> tuple[torch.Tensor, int]:
-    """The tile (row-major, as ``_tiles``) of every pixel, and the number of tiles."""
+    """The tile of every pixel (th x tw tiles numbered row-major, all channels of a tile together) and
+    the number of tiles."""
     C, H, W = shape
     per_row = -(-W // tw)
     h, w = torch.arange(H)[:, None] // th, torch.arange(W)[None, :] // tw
     return (h * per_row + w).reshape(-1).repeat(C), -(-H // th) * per_row
 
 
+def _tiles(shape, th: int, tw: int) -> list[torch.Tensor]:
+    """Output pixel indices of each tile of ``_tile_of``, in increasing order (channel by channel)."""
+    tile, count = _tile_of(shape, th, tw)
+    return list(torch.split(torch.argsort(tile, stable=True), torch.bincount(tile, minlength=count).tolist()))
+
+
 def _tile_stats(masks: torch.Tensor, nonempty: torch.Tensor, shape, th: int, tw: int):
-    """Per tile (row-major, as ``_tiles``): pixels with a non-empty mask g, union size u, core size c.
+    """Per tile (as ``_tiles``): pixels with a non-empty mask g, union size u, core size c.
 
     ``masks`` [n, n] float (1.0 = in the mask; column i = S_i). Summed over each tile's output pixels,
     the masks count, for every input pixel j and tile, the tile's masks that contain j: j is in the union
@@ -211,9 +206,8 @@ def _tile_stats(masks: torch.Tensor, nonempty: torch.Tensor, shape, th: int, tw:
     g = torch.zeros(count, dtype=masks.dtype).index_add_(0, tile, nonempty.to(masks.dtype))
     hits = torch.zeros((masks.shape[0], count), dtype=masks.dtype).index_add_(1, tile, masks)  # [n, tiles]
     u = (hits > 0).sum(dim=0)
-    c = (hits == g).sum(dim=0)
-    g = g.long()
-    return g, u.long(), torch.where(g > 0, c, torch.zeros_like(c)).long()
+    c = torch.where(g > 0, (hits == g).sum(dim=0), 0)  # no core where every mask is empty
+    return g.long(), u, c
 
 
 def _costs(g, r, c, batch: int, chunk: int):
@@ -822,7 +816,7 @@ class MaskedDenoiser(Denoiser):
             signs = torch.ones(len(rows), dtype=self.dtype, device=mt.device)
         offsets = torch.zeros(n, dtype=torch.int64, device=mt.device)
         offsets[1:] = torch.cumsum(torch.bincount(pixel, minlength=n), 0)[:-1]
-        return rows.to(mt.device), offsets, signs.to(mt.device)
+        return rows, offsets, signs
 
     def _denoise_differentiable(self, x: torch.Tensor, t: int) -> torch.Tensor:
         """The same model written plainly (``masked_logits``, autograd-friendly, float64), block by block

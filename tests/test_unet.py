@@ -1,6 +1,7 @@
 """The U-Net baseline: the denoiser formula against diffusers' own schedule, exact resume, no pickle,
 training that learns, and the train-unet command. Tiny networks (8-16 channels, 8x8 images)."""
 
+import copy
 import json
 import os
 import signal
@@ -187,7 +188,8 @@ def straight_run():
 
 def test_resume_equals_uninterrupted_run(straight_run, tmp_path):
     data = tiny_data()
-    first = UNetTrainer(data, TINY, tiny_recipe()).fit(3, checkpoint_dir=tmp_path, checkpoint_every=3, progress=False)
+    first = UNetTrainer(data, TINY, tiny_recipe()).fit(3, total_steps=6, checkpoint_dir=tmp_path, checkpoint_every=3,
+                                                       progress=False)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000003"]
     resumed = UNetTrainer.from_checkpoint(tmp_path, data).fit(6, checkpoint_dir=tmp_path, progress=False)
     _assert_same_training_state(straight_run, resumed)
@@ -252,13 +254,15 @@ def test_checkpoint_and_export_hold_no_pickle(tmp_path):
     ema = trainer.ema_model()
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
-        eps_ref = ema(x, torch.full((2,), 400)).sample
-        torch.testing.assert_close(den.eps(x, 400), eps_ref, rtol=0, atol=2e-2)
+        out_ref = ema(x, torch.full((2,), 400)).sample
+        torch.testing.assert_close(den.output(x, 400), out_ref, rtol=0, atol=2e-2)
 
 
-def test_small_config_learns_two_images():
+@pytest.mark.parametrize("prediction", ["v", "epsilon"])
+def test_small_config_learns_two_images(prediction):
     data = tiny_data(num=2)
-    recipe = {**TRAIN_RECIPES["small"].recipe(), "warmup": 5, "batch_size": 8, "device": "cpu"}
+    recipe = {**TRAIN_RECIPES["small"].recipe(), "warmup": 5, "batch_size": 8, "device": "cpu",
+              "prediction": prediction}
     trainer = UNetTrainer(data, SMALL, TrainConfig(**recipe))
     gen = torch.Generator().manual_seed(0)
     x0 = data.tensor().repeat(32, 1, 1, 1)  # [64, 1, 8, 8]
@@ -266,18 +270,25 @@ def test_small_config_learns_two_images():
     eps = torch.randn(x0.shape, generator=gen)
     ab = trainer.schedule.alpha_bar[t].float().view(-1, 1, 1, 1)
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps  # fixed noisy inputs, reused before and after training
+    # what the network must predict, from diffusers' own formula for v
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    target = sched.get_velocity(x0, eps, t) if prediction == "v" else eps
 
     def held_out_loss():
         trainer.model.eval()
         with torch.no_grad():
-            loss = torch.mean((trainer.model(x_t, t).sample - eps) ** 2).item()
+            loss = torch.mean((trainer.model(x_t, t).sample - target) ** 2).item()
         trainer.model.train()
         return loss
 
+    # v starts closer to its target (v ~ -x0 at high noise) and learns more slowly in so few steps;
+    # a wrong target (sign, coefficients) leaves the loss against diffusers' v where it was
     before = held_out_loss()
-    trainer.fit(20, progress=False)
+    trainer.fit(40, progress=False)
     after = held_out_loss()
-    assert after < 0.5 * before, (before, after)
+    assert after < (0.7 if prediction == "v" else 0.5) * before, (before, after)
 
 
 # -- the command ------------------------------------------------------------------------------------
@@ -298,7 +309,10 @@ def test_train_unet_command(tmp_path, capsys):
     assert manifest["steps"] == 3 and manifest["epochs"] == pytest.approx(1.0)
     assert manifest["command"].startswith("localdiff") and manifest["data"]["fingerprint"]
     assert manifest["final_loss"] > 0 and manifest["wall_time_s"] > 0
-    assert manifest["schedule"]["beta_end"] == 0.02 and manifest["schedule"]["prediction_type"] == "epsilon"
+    assert manifest["schedule"]["beta_end"] == 0.02 and manifest["schedule"]["prediction_type"] == "v_prediction"
+    assert manifest["prediction"] == "v" and manifest["lr_schedule"] == {"decay": "cosine", "total_steps": 3,
+                                                                         "warmup_steps": 1}
+    assert manifest["device"] == "cpu" and manifest["images_per_s"] > 0 and manifest["stopped_early"] is False
     assert manifest["weights"]["sha256"] == sha256_file(out / "diffusion_pytorch_model.safetensors")
 
     before = sha256_file(out / "diffusion_pytorch_model.safetensors")
@@ -307,7 +321,8 @@ def test_train_unet_command(tmp_path, capsys):
     assert sha256_file(out / "diffusion_pytorch_model.safetensors") == before
 
     assert main(cmd[:-1] + ["--lr", "0.5", "--no-progress", "--resume", str(out)]) == 2  # the recipe is fixed
-    assert main([*cmd[:5], "--steps", "5", *cmd[7:], "--resume", str(out)]) == 0  # continue in place
+    with pytest.warns(RuntimeWarning, match="re-fitted to 5 steps"):  # extending a cosine run re-fits its decay
+        assert main([*cmd[:5], "--steps", "5", *cmd[7:], "--resume", str(out)]) == 0  # continue in place
     manifest = json.loads((out / "localdiff_unet.json").read_text())
     assert manifest["steps"] == 5 and len(manifest["commands"]) == 2
 
@@ -342,3 +357,148 @@ def test_shipped_weights_are_the_default_and_denoise_better_than_wiener(name, tm
     res = denoising_mse({"unet": unet, "wiener": make_denoiser("wiener", train, device="cpu")}, test.tensor(),
                         [300], generator=torch.Generator().manual_seed(0), progress=False)
     assert res["unet"][300]["mse"] < 0.75 * res["wiener"][300]["mse"]
+
+
+# -- v-prediction, the learning-rate schedule, time budgets ------------------------------------------
+
+def _with_records(src, dst, manifest_prediction=None, scheduler_prediction=None):
+    import shutil
+
+    shutil.copytree(src, dst)
+    kw = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    if manifest_prediction is not None:
+        (dst / "localdiff_unet.json").write_text(json.dumps({"schedule": {**kw, "prediction_type": manifest_prediction}}))
+    if scheduler_prediction is not None:
+        (dst / "scheduler").mkdir()
+        (dst / "scheduler" / "scheduler_config.json").write_text(
+            json.dumps({"_class_name": "DDPMScheduler", **kw, "prediction_type": scheduler_prediction}))
+    return dst
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "sample", "epsilon"])
+def test_unet_denoiser_follows_the_recorded_prediction_type(tiny_unet_dir, tmp_path, prediction):
+    from diffusers import DDPMScheduler
+
+    path, model = tiny_unet_dir
+    d = _with_records(path, tmp_path / "net", manifest_prediction=prediction)
+    den = make_denoiser("unet", tiny_data(), path=str(d), device="cpu", dtype="float64")
+    assert den.prediction_type == prediction
+    # Independent reference: diffusers' own scheduler turns the same network output into x0.
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                          prediction_type=prediction, clip_sample=False)
+    net = copy.deepcopy(model).double()
+    for t in (10, 500, 990):
+        x_t = torch.randn(2, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(t))
+        with torch.no_grad():
+            out = net(x_t, torch.full((2,), t)).sample
+        ref = sched.step(out, t, x_t).pred_original_sample
+        torch.testing.assert_close(den(x_t, t), ref, rtol=1e-5, atol=1e-5)  # diffusers' tables are float32
+        # eps_hat consistent with x0_hat: x_t = a x0_hat + sqrt(b2) eps_hat
+        a, b2 = den.schedule.a(t), den.schedule.b2(t)
+        torch.testing.assert_close(a * den(x_t, t) + b2 ** 0.5 * den.eps(x_t, t), x_t, rtol=1e-9, atol=1e-9)
+
+
+def test_unet_prediction_records_must_agree_and_be_known(tiny_unet_dir, tmp_path):
+    path, _ = tiny_unet_dir
+    both = _with_records(path, tmp_path / "both", manifest_prediction="v_prediction", scheduler_prediction="epsilon")
+    with pytest.raises(ConfigError, match="contradictory"):
+        make_denoiser("unet", tiny_data(), path=str(both), device="cpu")
+    odd = _with_records(path, tmp_path / "odd", scheduler_prediction="flow")
+    with pytest.raises(ConfigError, match="'flow'"):
+        make_denoiser("unet", tiny_data(), path=str(odd), device="cpu")
+    agree = _with_records(path, tmp_path / "agree", manifest_prediction="v_prediction",
+                          scheduler_prediction="v_prediction")
+    assert make_denoiser("unet", tiny_data(), path=str(agree), device="cpu").prediction_type == "v_prediction"
+
+
+def test_cosine_learning_rate_matches_torch_and_warms_up():
+    from localdiff.unet.training import lr_at, warmup_for
+
+    cfg = tiny_recipe(lr=3e-3, warmup=0)
+    total = 37
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    ref = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=0.0)  # independent formula
+    for step in range(total + 1):
+        assert lr_at(step, cfg, total) == pytest.approx(ref._get_closed_form_lr()[0], rel=1e-12, abs=1e-15)
+        opt.step()
+        ref.step()
+    cfg = tiny_recipe(lr=1.0, warmup=50)
+    assert warmup_for(cfg, 200) == 20 and warmup_for(cfg, 10_000) == 50  # at most a tenth of the run
+    assert lr_at(4, cfg, 200, 20) == pytest.approx(5 / 20 * 0.5 * (1 + np.cos(np.pi * 4 / 200)))
+    assert lr_at(199, cfg, 200, 20) < 1e-3 and lr_at(200, cfg, 200, 20) == pytest.approx(0.0, abs=1e-15)
+    const = tiny_recipe(lr=1.0, warmup=50, lr_decay="constant")
+    assert warmup_for(const, 200) == 50 and lr_at(150, const, 200, 50) == 1.0
+
+
+class FakeClock:
+    """A wall clock that advances ``dt`` seconds per reading, so a budget run plans the same way twice."""
+
+    def __init__(self, dt=0.05, jump_after=None, jump=0.0):
+        self.now, self.dt, self.calls, self.jump_after, self.jump = 0.0, dt, 0, jump_after, jump
+
+    def __call__(self):
+        self.calls += 1
+        self.now += self.dt + (self.jump if self.calls == self.jump_after else 0.0)
+        return self.now
+
+
+def test_budget_run_plans_its_steps_and_resumes_exactly(tmp_path):
+    data = tiny_data()
+
+    def run(root, **kw):
+        tr = UNetTrainer(data, TINY, tiny_recipe(warmup=30))
+        tr.clock = FakeClock()
+        return tr.fit(budget_s=10.0, checkpoint_dir=root, checkpoint_every=1000, progress=False, **kw)
+
+    straight = run(tmp_path / "a")
+    plan = straight.plan
+    # 2 s of calibration (two clock readings, 0.1 s of fake time, per step), a checkpoint, then the rest
+    assert plan["calibration_s"] == pytest.approx(2.0, abs=0.2) and plan["steps_per_s"] == pytest.approx(10.0)
+    assert plan["calibration_steps"] == 19 and plan["checkpoint_s"] == pytest.approx(0.05)
+    assert straight.step == straight.total_steps == plan["planned_steps"] > 30
+    assert straight.warmup_steps == straight.total_steps // 10  # warm-up shrunk to a tenth of the run
+    assert straight.clock.now <= 10.0 and not straight.history[-1]["stopped_early"]
+    from localdiff.unet.training import lr_at
+
+    last_lr = lr_at(straight.step - 1, straight.config, straight.total_steps, straight.warmup_steps)
+    assert straight.optimizer.param_groups[0]["lr"] == last_lr < 1e-3 * straight.config.lr  # the decay ran out
+
+    def interrupt(trainer):
+        if trainer.step == 25:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        run(tmp_path / "b", callback=interrupt)
+    resumed = UNetTrainer.from_checkpoint(tmp_path / "b", data)
+    assert resumed.total_steps == straight.total_steps and resumed.plan == plan
+    resumed.fit(progress=False)  # no steps, no budget: the planned length
+    _assert_same_training_state(straight, resumed)
+
+
+def test_budget_run_stops_at_the_deadline(tmp_path):
+    tr = UNetTrainer(tiny_data(), TINY, tiny_recipe())
+    tr.clock = FakeClock(jump_after=60, jump=8.0)  # the machine stalls for 8 s after planning
+    tr.fit(budget_s=10.0, checkpoint_dir=tmp_path, progress=False)
+    assert tr.history[-1]["stopped_early"] and tr.step < tr.total_steps
+    assert list_checkpoints(tmp_path)[-1].name == f"step-{tr.step:07d}"  # the stop is checkpointed
+
+
+def test_train_unet_minutes_budget(tmp_path):
+    import time
+
+    from localdiff.cli import main
+
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "tiny.npz"
+    np.savez(npz, images=rng.integers(0, 256, (12, 8, 8)).astype(np.uint8))
+    out = tmp_path / "run"
+    start = time.perf_counter()
+    assert main(["train-unet", "--data", str(npz), "--config", "small", "--minutes", "0.15", "--out", str(out),
+                 "--batch-size", "4", "--device", "cpu", "--no-progress"]) == 0
+    wall = time.perf_counter() - start
+    assert wall <= 9.0 + 1.5, wall  # the whole command inside its 9 s budget (a little slack for a busy machine)
+    m = json.loads((out / "localdiff_unet.json").read_text())
+    assert m["plan"]["budget_s"] < 9.0 and m["plan"]["images_per_s"] > 0
+    assert m["steps"] == m["lr_schedule"]["total_steps"] == m["plan"]["planned_steps"] or m["stopped_early"]
+    assert m["wall_time_s"] < 9.0 and m["images_per_s"] > 0 and m["device"] == "cpu"
+    assert m["epochs"] == pytest.approx(m["steps"] * 4 / 12)

@@ -69,6 +69,10 @@ class Schedule:
         """``x0_hat = (x_t - sqrt(b2) eps_hat) / a``."""
         return (x_t - self.b2(t) ** 0.5 * eps_hat) / self.a(t)
 
+    def x0_from_v(self, x_t: torch.Tensor, v_hat: torch.Tensor, t) -> torch.Tensor:
+        """``x0_hat = a x_t - sqrt(b2) v_hat`` for ``v = a eps - sqrt(b2) x0`` (Salimans & Ho 2022)."""
+        return self.a(t) * x_t - self.b2(t) ** 0.5 * v_hat
+
     def scheduler_kwargs(self) -> dict:
         return dict(num_train_timesteps=self.num_train_timesteps, beta_start=self.beta_start,
                     beta_end=self.beta_end, beta_schedule="linear")

@@ -8,12 +8,16 @@ Run directory layout (``--out``)::
     OUT/localdiff_unet.json         manifest: command, data, steps, loss, wall time, sha256, schedule
 
 ``--resume OUT`` (or one checkpoint inside it) continues a run exactly where its last checkpoint left it.
+``--minutes M`` is a wall-clock budget for the whole command: the trainer measures its throughput in the
+first seconds and fixes the number of steps (and the learning-rate schedule) so that training, its
+checkpoints and the export end inside it.
 """
 
 from __future__ import annotations
 
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -21,7 +25,9 @@ from .common import add_data_args, command_line, load_data_from_args, versions
 
 # CLI flag -> TrainConfig field, for the recipe options (their defaults come from TRAIN_RECIPES)
 _RECIPE_FLAGS = {"batch_size": "--batch-size", "lr": "--lr", "warmup": "--warmup", "weight_decay": "--weight-decay",
-                 "ema_decay": "--ema-decay", "grad_clip": "--grad-clip", "hflip": "--hflip", "seed": "--seed"}
+                 "ema_decay": "--ema-decay", "grad_clip": "--grad-clip", "hflip": "--hflip", "seed": "--seed",
+                 "prediction": "--prediction", "lr_decay": "--lr-decay"}
+EXPORT_RESERVE_S = 2.0  # seconds kept for the export at the end of a --minutes budget (plus 1% of it)
 _RUNTIME_FLAGS = ("device", "amp", "channels_last", "compile")  # may change when a run is resumed
 
 
@@ -29,13 +35,18 @@ def register(subparsers) -> None:
     from ..unet.configs import CONFIG_NAMES, TRAIN_RECIPES
 
     p = subparsers.add_parser(
-        "train-unet", help="train the U-Net baseline (epsilon prediction, DDPM schedule)",
-        description="Train a diffusers UNet2DModel on a dataset with checkpoints every N steps; the EMA weights "
-                    "are exported to --out in diffusers format, ready for --model unet --opt path=OUT.")
+        "train-unet", help="train the U-Net baseline (v- or epsilon-prediction, DDPM schedule)",
+        description="Train a diffusers UNet2DModel on a dataset for a number of steps or a wall-clock budget, with "
+                    "checkpoints every N steps; the EMA weights are exported to --out in diffusers format, ready "
+                    "for --model unet --opt path=OUT.")
     add_data_args(p)
     p.add_argument("--config", choices=CONFIG_NAMES, default=None,
                    help="architecture and recipe: paper (the official baseline; default) or small (CPU-sized)")
-    p.add_argument("--steps", type=int, required=True, help="train until this many optimisation steps in total")
+    p.add_argument("--steps", type=int, default=None,
+                   help="train until this many optimisation steps in total (with --minutes: at most this many)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-clock budget of the whole command: the number of steps is planned from the throughput "
+                        "measured in the first seconds, and the learning-rate schedule fitted to it")
     p.add_argument("--out", required=True,
                    help="new run directory (never overwritten; with --resume it may be the run being resumed)")
     g = p.add_argument_group("recipe (defaults depend on --config; fixed once a run has started)")
@@ -54,6 +65,12 @@ def register(subparsers) -> None:
                    help="random horizontal flips (natural images only; off by default)")
     g.add_argument("--seed", type=int, default=None,
                    help=recipe_help("seed of weights, data order, noise and dropout", "seed"))
+    g.add_argument("--prediction", choices=("v", "epsilon"), default=None,
+                   help=recipe_help("what the network predicts: v = a eps - sqrt(b2) x0, or the noise eps",
+                                    "prediction"))
+    g.add_argument("--lr-decay", choices=("cosine", "constant"), default=None,
+                   help=recipe_help("learning rate after warm-up: cosine to zero at the last step, or constant",
+                                    "lr_decay"))
     r = p.add_argument_group("running")
     r.add_argument("--checkpoint-every", type=int, default=1000, help="checkpoint every N steps (default 1000)")
     r.add_argument("--keep-checkpoints", type=int, default=1, help="how many newest checkpoints to keep (0 = all)")
@@ -90,8 +107,14 @@ def run(args) -> int:
     from ..unet.configs import TRAIN_RECIPES, unet_config
     from ..unet.training import TrainingInterrupted, UNetTrainer, find_checkpoint, list_checkpoints
 
-    if args.steps < 1:
+    started = time.perf_counter()
+    if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps must be positive, got {args.steps}")
+    if args.minutes is not None and not 0 < args.minutes < 1e6:
+        raise ConfigError(f"--minutes must be a positive number of minutes, got {args.minutes}")
+    if args.steps is None and args.minutes is None and not args.resume:
+        raise ConfigError("give --steps N (a number of optimisation steps), --minutes M (a wall-clock budget), "
+                          "or both")
     if args.checkpoint_every < 1:
         raise ConfigError(f"--checkpoint-every must be positive, got {args.checkpoint_every}")
     out = Path(args.out)
@@ -114,8 +137,10 @@ def run(args) -> int:
     else:
         trainer = UNetTrainer.from_checkpoint(ckpt, data, **_given(args, _RUNTIME_FLAGS))
         _check_resume_flags(args, trainer, data.shape)
-        if args.steps < trainer.step:
+        if args.steps is not None and args.steps < trainer.step:
             raise ConfigError(f"the checkpoint is at step {trainer.step}; --steps must be at least that")
+        if args.steps is None and args.minutes is None and trainer.total_steps is None:
+            raise ConfigError(f"the checkpoint at step {trainer.step} has no planned length; give --steps N")
     if trainer.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if not out.exists():
@@ -123,8 +148,14 @@ def run(args) -> int:
         created = True
 
     ckpt_dir = out / "checkpoints"
+    budget_s = None
+    if args.minutes is not None:  # what is left of the budget after start-up, less the export's share
+        budget_s = args.minutes * 60.0 - (time.perf_counter() - started) - EXPORT_RESERVE_S - 0.6 * args.minutes
+        if budget_s <= 0:
+            raise ConfigError(f"--minutes {args.minutes} leaves no time to train after loading the data "
+                              f"({time.perf_counter() - started:.1f} s); give a larger budget")
     try:
-        trainer.fit(args.steps, checkpoint_dir=ckpt_dir, checkpoint_every=args.checkpoint_every,
+        trainer.fit(args.steps, budget_s=budget_s, checkpoint_dir=ckpt_dir, checkpoint_every=args.checkpoint_every,
                     keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress, label=command_line())
     except TrainingInterrupted as exc:
         where = f"checkpoint {exc.checkpoint}" if exc.checkpoint else "no checkpoint"
@@ -147,8 +178,10 @@ def run(args) -> int:
         "versions": versions(),
     })
     loss = f"{trainer.loss_ema:.4f}" if trainer.loss_ema is not None else "n/a"
-    print(f"trained {trainer.step} steps ({trainer.order.epochs:.2f} epochs, loss {loss}, "
-          f"{trainer.total_wall_s:.1f} s); EMA weights exported to {out}")
+    rate = f", {trainer.images_per_s:.0f} images/s" if trainer.images_per_s else ""
+    early = " (stopped at the time budget before the planned steps)" if trainer.history[-1].get("stopped_early") else ""
+    print(f"trained {trainer.step} steps ({trainer.order.epochs:.2f} epochs, {trainer.config.prediction}-prediction, "
+          f"loss {loss}, {trainer.total_wall_s:.1f} s{rate}){early}; EMA weights exported to {out}")
     return 0
 
 

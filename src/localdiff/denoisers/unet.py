@@ -1,9 +1,11 @@
-"""A trained epsilon-prediction U-Net (diffusers ``UNet2DModel``) as a denoiser (DESIGN.md §2.7).
+"""A trained U-Net (diffusers ``UNet2DModel``) as a denoiser (DESIGN.md §2.7).
 
-``x0_hat = (x_t - sqrt(b2) eps_theta(x_t, t)) / a`` (:meth:`Schedule.x0_from_eps`). Any diffusers
-``UNet2DModel`` directory trained on the same DDPM schedule loads: the ``--out`` of
-``localdiff train-unet``, a ``save_pretrained`` directory, or a pipeline directory with a ``unet/``
-folder. Weights are read from safetensors only; pickled ``.bin`` files are refused.
+What the network predicts is read from its manifest or scheduler config (diffusers' ``prediction_type``):
+``epsilon``: ``x0_hat = (x_t - sqrt(b2) eps_theta) / a``; ``v_prediction``: ``x0_hat = a x_t - sqrt(b2) v_theta``;
+``sample``: ``x0_hat = x_theta``. Any diffusers ``UNet2DModel`` directory trained on the same DDPM
+schedule loads: the ``--out`` of ``localdiff train-unet``, a ``save_pretrained`` directory, or a
+pipeline directory with a ``unet/`` folder (a bare network without either record is taken as
+``epsilon``, diffusers' default). Weights are read from safetensors only; pickled ``.bin`` files are refused.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ UNET_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": to
                "bfloat16": torch.bfloat16}
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 MANIFEST_NAME = "localdiff_unet.json"
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusers' names
 _EXPECTED = ("a diffusers UNet2DModel directory (config.json + diffusion_pytorch_model.safetensors), "
              "such as the --out directory of `localdiff train-unet` or a save_pretrained() directory")
 
@@ -118,15 +121,32 @@ def check_unet_compatible(info: UNetInfo, shape: tuple[int, int, int], schedule:
     if cfg.get("class_embed_type") is not None or cfg.get("num_class_embeds") is not None:
         raise ConfigError(f"the U-Net in {where} is class-conditional; only unconditional networks are supported")
     want = {"num_train_timesteps": schedule.num_train_timesteps, "beta_start": schedule.beta_start,
-            "beta_end": schedule.beta_end, "beta_schedule": "linear", "prediction_type": "epsilon"}
+            "beta_end": schedule.beta_end, "beta_schedule": "linear"}
     for source, record in (("manifest", (info.manifest or {}).get("schedule")), ("scheduler config", info.scheduler)):
         if not record:
             continue
-        record = {"prediction_type": "epsilon", **record}
         diff = {k: (record.get(k), v) for k, v in want.items() if k in record and _differs(record.get(k), v)}
         if diff:
             raise ConfigError(f"the U-Net in {where} was trained with a different noise schedule (its {source}: "
                               + ", ".join(f"{k}={a!r}, expected {b!r}" for k, (a, b) in diff.items()) + ")")
+    prediction_type(info)  # known, and the same in the manifest and the scheduler config
+
+
+def prediction_type(info: UNetInfo) -> str:
+    """What the network predicts (``epsilon``, ``v_prediction`` or ``sample``), from its manifest and its
+    scheduler config; ``epsilon`` (diffusers' default) when neither says. They must agree when both do."""
+    found = {}
+    for source, record in (("manifest", (info.manifest or {}).get("schedule")), ("scheduler config", info.scheduler)):
+        if record and "prediction_type" in record:
+            found[source] = record["prediction_type"]
+    for source, value in found.items():
+        if value not in PREDICTION_TYPES:
+            raise ConfigError(f"the U-Net in {info.directory} predicts {value!r} (its {source}); supported: "
+                              + ", ".join(PREDICTION_TYPES))
+    if len(set(found.values())) > 1:
+        raise ConfigError(f"the U-Net in {info.directory} has contradictory records of what it predicts: "
+                          + ", ".join(f"{k} says {v!r}" for k, v in found.items()))
+    return next(iter(found.values()), "epsilon")
 
 
 def _differs(a, b) -> bool:
@@ -162,7 +182,7 @@ class UNetDenoiserConfig(DenoiserConfig):
 
 @register("unet")
 class UNetDenoiser(Denoiser):
-    """A trained epsilon-prediction network: ``x0_hat = (x_t - sqrt(b2) eps_theta(x_t, t)) / a``.
+    """A trained network; ``x0_hat`` from its output by its ``prediction_type`` (module docstring).
 
     Differentiable in ``x_t`` (weights frozen, eval mode), so sensitivity fields come from autograd.
     """
@@ -178,16 +198,28 @@ class UNetDenoiser(Denoiser):
         info = inspect_unet_dir(self.path)
         check_unet_compatible(info, self.shape, self.schedule)
         self.model, self.info = load_unet(info, dtype=self.dtype, device=self.device)
+        self.prediction_type = prediction_type(info)
 
-    def eps(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        """The network's noise prediction ``eps_theta(x_t, t)`` [B, C, H, W], in the network's dtype."""
+    def output(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        """The network's raw output (eps, v or x0 by ``prediction_type``) [B, C, H, W], in its dtype."""
         ts = torch.full((x_t.shape[0],), int(t), dtype=torch.long, device=x_t.device)
         return self.model(x_t.to(self.dtype), ts, return_dict=False)[0]
 
+    def eps(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        """The network's noise prediction ``eps_hat`` [B, C, H, W] (``eps = a v + sqrt(b2) x_t`` for a v-net)."""
+        if self.prediction_type == "epsilon":
+            return self.output(x_t, t)
+        out = torch.float64 if x_t.dtype == torch.float64 else torch.float32
+        return self.schedule.eps_from_x0(x_t.to(out), self.denoise(x_t, t), t)
+
     def denoise(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         out = torch.float64 if x_t.dtype == torch.float64 else torch.float32
-        x = x_t.to(out)
-        return self.schedule.x0_from_eps(x, self.eps(x_t, t).to(out), t)
+        x, y = x_t.to(out), self.output(x_t, t).to(out)
+        if self.prediction_type == "v_prediction":
+            return self.schedule.x0_from_v(x, y, t)
+        if self.prediction_type == "sample":
+            return y
+        return self.schedule.x0_from_eps(x, y, t)
 
     def settings(self) -> dict:
         out = super().settings()
@@ -196,5 +228,6 @@ class UNetDenoiser(Denoiser):
         out["weights_sha256"] = (m.get("weights") or {}).get("sha256")
         out["trained_on"] = (m.get("data") or {}).get("name")
         out["train_steps"] = m.get("steps")
+        out["prediction_type"] = self.prediction_type
         out["num_parameters"] = sum(p.numel() for p in self.model.parameters())
         return out

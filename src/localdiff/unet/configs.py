@@ -73,14 +73,28 @@ SMALL = UNetConfig(base_channels=32, channel_mult=(1, 2), layers_per_block=1, dr
 CONFIG_NAMES = ("paper", "small")
 
 
+# What the network predicts: our name -> diffusers' ``prediction_type``.
+PREDICTIONS = {"epsilon": "epsilon", "v": "v_prediction"}
+LR_DECAYS = ("cosine", "constant")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The training recipe. Defaults are the DDPM/official recipe (Adam 2e-4, 5,000 warm-up steps,
-    batch 128, gradient clipping 1.0, EMA 0.9999); ``weight_decay=0`` makes AdamW plain Adam."""
+    batch 128, gradient clipping 1.0, EMA 0.9999); ``weight_decay=0`` makes AdamW plain Adam.
+
+    Two departures from the DDPM recipe, both measured (docs/RESULTS.md): the network predicts
+    ``v = a eps - sqrt(b2) x0`` (Salimans & Ho 2022) instead of ``eps``, whose error is multiplied by
+    ``sqrt(b2)/a`` (57 at t = 900) when turned into ``x0_hat``; and the learning rate decays to zero
+    along a cosine over the run (its length fixed by ``--steps`` or planned from ``--minutes``).
+    Checkpoints written before these fields existed load as ``epsilon`` / ``constant``.
+    """
 
     batch_size: int = 128
     lr: float = 2e-4
-    warmup: int = 5000  # linear learning-rate warm-up from lr/warmup to lr over this many steps
+    warmup: int = 5000  # linear learning-rate warm-up over this many steps (at most a tenth of a cosine run)
+    prediction: str = "v"  # "v" (v-prediction) or "epsilon" (noise prediction, as DDPM)
+    lr_decay: str = "cosine"  # "cosine": to zero at the run's last step; "constant": flat after warm-up
     weight_decay: float = 0.0
     ema_decay: float = 0.9999  # capped by (1 + step) / (10 + step) early on, as diffusers' EMAModel
     grad_clip: float = 1.0  # max global gradient norm (0 disables clipping)
@@ -103,6 +117,10 @@ class TrainConfig:
             raise ConfigError("warmup, weight_decay and grad_clip must be >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"EMA decay must be in [0, 1), got {self.ema_decay}")
+        if self.prediction not in PREDICTIONS:
+            raise ConfigError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
+        if self.lr_decay not in LR_DECAYS:
+            raise ConfigError(f"lr_decay must be one of {', '.join(LR_DECAYS)}, got {self.lr_decay!r}")
 
     def recipe(self) -> dict:
         """The fields that determine the result (everything but the runtime choices)."""
@@ -147,7 +165,7 @@ def check_resolution(cfg: UNetConfig, shape: tuple[int, int, int]) -> None:
 
 
 def build_unet(cfg: UNetConfig, shape: tuple[int, int, int]):
-    """A freshly initialised diffusers ``UNet2DModel`` for images of ``shape`` (C, H, W), epsilon prediction."""
+    """A freshly initialised diffusers ``UNet2DModel`` for images of ``shape`` (C, H, W)."""
     from diffusers import UNet2DModel
 
     cfg.validate()

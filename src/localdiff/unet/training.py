@@ -1,4 +1,11 @@
-"""Training the U-Net baseline: epsilon-prediction MSE on the DDPM forward process (Ho et al. 2020, Alg. 1).
+"""Training the U-Net baseline: v- or epsilon-prediction MSE on the DDPM forward process (Ho et al. 2020,
+Alg. 1; v-prediction: Salimans & Ho 2022, ``v = a eps - sqrt(b2) x0``).
+
+A run is either a number of steps (``fit(steps)``) or a wall-clock budget (``fit(budget_s=...)``): the
+budget mode trains for a few seconds to measure throughput, writes a checkpoint (timing it), fixes the
+run's total number of steps so that it ends inside the budget, and fits the learning-rate schedule
+(warm-up, then cosine decay to zero) to that total. The plan is state like any other: it is saved in
+every checkpoint, so a resumed budget run continues the same schedule.
 
 Everything that makes a run reproducible is explicit state, saved in every checkpoint:
 the weights, AdamW's state, the EMA weights, the data order ``(seed, epoch, position)``, the states of
@@ -42,7 +49,7 @@ import torch.nn.functional as F
 
 from ..diffusion import DEFAULT_SCHEDULE, Schedule
 from ..errors import ConfigError, LocaldiffError
-from .configs import TrainConfig, UNetConfig, build_unet
+from .configs import PREDICTIONS, TrainConfig, UNetConfig, build_unet
 
 CHECKPOINT_FORMAT = "localdiff-unet-checkpoint/1"
 MANIFEST_FORMAT = "localdiff-unet/1"
@@ -105,9 +112,20 @@ class DataOrder:
         return {"num": self.num, "seed": self.seed, "epoch": self.epoch, "position": self.position}
 
 
-def warmup_lr(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of (0-based) ``step``: linear warm-up to ``cfg.lr`` over ``cfg.warmup`` steps, then constant."""
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else cfg.lr
+def lr_at(step: int, cfg: TrainConfig, total: int | None = None, warmup: int | None = None) -> float:
+    """Learning rate of (0-based) ``step``: linear warm-up over ``warmup`` steps (default ``cfg.warmup``),
+    times ``(1 + cos(pi step / total)) / 2`` for ``lr_decay="cosine"`` once the run's ``total`` is known
+    (SGDR, Loshchilov & Hutter 2017, without restarts)."""
+    warmup = cfg.warmup if warmup is None else warmup
+    ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    if cfg.lr_decay == "constant" or total is None:
+        return cfg.lr * ramp
+    return cfg.lr * ramp * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+def warmup_for(cfg: TrainConfig, total: int) -> int:
+    """Warm-up steps of a run of ``total`` steps: ``cfg.warmup``, at most a tenth of a cosine run."""
+    return cfg.warmup if cfg.lr_decay == "constant" else min(cfg.warmup, max(1, total // 10))
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -276,8 +294,9 @@ def _deferred_signals(enabled: bool):
 
 
 class UNetTrainer:
-    """Trains a diffusers ``UNet2DModel`` to predict the noise: ``E ||eps - eps_theta(x_t, t)||^2``
-    with ``t ~ U{0..T-1}`` and ``x_t = a x0 + sqrt(b2) eps`` from :class:`~localdiff.diffusion.Schedule`.
+    """Trains a diffusers ``UNet2DModel`` on ``E ||target - net(x_t, t)||^2`` with ``t ~ U{0..T-1}``,
+    ``x_t = a x0 + sqrt(b2) eps`` from :class:`~localdiff.diffusion.Schedule` and target ``v = a eps -
+    sqrt(b2) x0`` (``prediction="v"``) or ``eps`` (``prediction="epsilon"``).
 
     AdamW with linear warm-up, global-norm gradient clipping and an EMA of the weights; on CUDA bf16
     autocast, channels-last and optionally ``torch.compile``. The training images stay resident on the
@@ -308,7 +327,7 @@ class UNetTrainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ema = [p.detach().clone() for p in self.params]
         kwargs = {"fused": True} if self.cuda else {}
-        self.optimizer = torch.optim.AdamW(self.params, lr=warmup_lr(0, cfg), weight_decay=cfg.weight_decay, **kwargs)
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr_at(0, cfg), weight_decay=cfg.weight_decay, **kwargs)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
 
         self.images = torch.from_numpy(data.raw).to(self.device)  # [N, C, H, W] uint8 or float32, resident
@@ -325,6 +344,12 @@ class UNetTrainer:
         self._pending: list[torch.Tensor] = []  # per-step losses not yet read back from the device
         self.history: list[dict] = []  # one record per fit() segment
         self._saved_step: int | None = None  # step of the last checkpoint written or loaded
+        # The run's length as the learning-rate schedule sees it: None until fit() fixes it from
+        # its steps or plans it from a budget; saved in checkpoints, so a resumed run keeps its schedule.
+        self.total_steps: int | None = None
+        self.warmup_steps: int = cfg.warmup
+        self.plan: dict | None = None  # how a budget run chose total_steps (throughput, budget, reserve)
+        self.clock: Callable[[], float] = time.perf_counter  # wall clock of fit() (a test can pass a fake one)
 
     # -- one optimisation step ------------------------------------------------------------------
     def _batch(self) -> torch.Tensor:
@@ -337,16 +362,18 @@ class UNetTrainer:
         return x0  # [B, C, H, W] on [-1, 1]
 
     def loss(self, x0: torch.Tensor) -> torch.Tensor:
-        """The epsilon-prediction loss on a batch ``x0`` [B, C, H, W] (draws t and eps from ``self.gen``)."""
+        """The v- or epsilon-prediction loss on a batch ``x0`` [B, C, H, W] (draws t and eps from ``self.gen``)."""
         B = x0.shape[0]
         t = torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=self.gen, device=self.device)
         eps = torch.randn(x0.shape, generator=self.gen, device=self.device, dtype=torch.float32)
-        x_t = self.sqrt_ab[t].view(B, 1, 1, 1) * x0 + self.sqrt_1m_ab[t].view(B, 1, 1, 1) * eps  # q(x_t | x0)
+        a, s = self.sqrt_ab[t].view(B, 1, 1, 1), self.sqrt_1m_ab[t].view(B, 1, 1, 1)
+        x_t = a * x0 + s * eps  # q(x_t | x0)
+        target = a * eps - s * x0 if self.config.prediction == "v" else eps  # [B, C, H, W]
         if self.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            eps_hat = self.forward(x_t, t, return_dict=False)[0]
-        return F.mse_loss(eps_hat.float(), eps)
+            out = self.forward(x_t, t, return_dict=False)[0]
+        return F.mse_loss(out.float(), target)
 
     @contextlib.contextmanager
     def _seeded_global_rng(self):
@@ -373,7 +400,7 @@ class UNetTrainer:
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
         for group in self.optimizer.param_groups:
-            group["lr"] = warmup_lr(self.step, self.config)
+            group["lr"] = lr_at(self.step, self.config, self.total_steps, self.warmup_steps)
         self.optimizer.step()
         self.step += 1
         with torch.no_grad():
@@ -403,10 +430,39 @@ class UNetTrainer:
                 self._block = [0.0, 0]
 
     # -- the loop -------------------------------------------------------------------------------
-    def fit(self, steps: int, *, checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 1000,
+    def set_total_steps(self, total: int) -> None:
+        """Fix the run's length for the learning-rate schedule (and the warm-up that goes with it).
+
+        Changing it after training started (a resumed run extended with more --steps) re-fits the
+        cosine from the current step on, so the run no longer equals an uninterrupted one: warned.
+        """
+        total = int(total)
+        if self.total_steps == total:
+            return
+        if self.total_steps is not None and self.step > 0 and self.config.lr_decay == "cosine":
+            warnings.warn(f"the learning-rate schedule was fitted to {self.total_steps} steps; it is re-fitted to "
+                          f"{total} steps from step {self.step}, so this run will not equal an uninterrupted "
+                          f"{total}-step run", RuntimeWarning)
+        self.total_steps = total
+        self.warmup_steps = warmup_for(self.config, total)
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def fit(self, steps: int | None = None, *, budget_s: float | None = None, total_steps: int | None = None,
+            checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 1000,
             keep_checkpoints: int = 1, progress: bool = True, handle_signals: bool = True,
             label: str | None = None, callback: Callable[["UNetTrainer"], None] | None = None) -> "UNetTrainer":
-        """Train until ``self.step == steps``, checkpointing every ``checkpoint_every`` steps and at the end.
+        """Train until ``self.step == steps``, or for at most ``budget_s`` seconds of wall time, or both.
+
+        ``total_steps`` is the run's planned length (the end of the cosine learning-rate decay);
+        default ``steps``, or the length already planned for a resumed run. With ``budget_s`` and no
+        planned length, the first seconds (5% of the budget, 2-60 s) measure throughput, a checkpoint
+        is written and timed, and the total is fixed so that training and its checkpoints end inside the
+        budget (capped at ``steps`` when given); ``self.plan`` records how. With a planned length
+        ``budget_s`` is a deadline only. Training that reaches the deadline early stops there
+        (recorded as ``stopped_early``). Checkpoints every ``checkpoint_every`` steps and at the end.
 
         With ``handle_signals`` (main thread only) the first Ctrl-C or SIGTERM lets the current step
         finish, writes a checkpoint (when ``checkpoint_dir`` is set) and raises :class:`TrainingInterrupted`.
@@ -414,46 +470,76 @@ class UNetTrainer:
         """
         from tqdm.auto import tqdm
 
-        if steps < self.step:
+        if steps is None and budget_s is None and total_steps is None and self.total_steps is None:
+            raise ConfigError("fit() needs steps, a time budget (budget_s), or both")
+        if steps is not None and steps < self.step:
             raise ConfigError(f"the run is already at step {self.step}; --steps must be at least that, got {steps}")
+        if budget_s is not None and not (math.isfinite(budget_s) and budget_s > 0):
+            raise ConfigError(f"the time budget must be a positive number of seconds, got {budget_s}")
         if checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be a positive number of steps, got {checkpoint_every}")
-        start_step, t0 = self.step, time.perf_counter()
+        start_step, t0 = self.step, self.clock()
+        planning = budget_s is not None and self.total_steps is None and total_steps is None
+        if not planning:
+            self.set_total_steps(total_steps or steps or self.total_steps)
+        target = steps if steps is not None else self.total_steps  # None until a budget run is planned
         record = {"label": label, "start_step": start_step, "end_step": start_step, "wall_s": 0.0,
-                  "device": str(self.device), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                  "device": str(self.device), "device_name": device_name(self.device),
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "budget_s": budget_s,
+                  "total_steps": self.total_steps, "stopped_early": False}
         self.history.append(record)
-        bar = tqdm(total=steps, initial=self.step, desc="train-unet", unit="step", disable=not progress,
+        bar = tqdm(total=target, initial=self.step, desc="train-unet", unit="step", disable=not progress,
                    dynamic_ncols=True)
-        last_t, last_step = time.perf_counter(), self.step
+        rate_mark = [self.clock(), self.step]
 
         def sync_record():
-            now = time.perf_counter()
+            now = self.clock()
             record["end_step"], record["wall_s"] = self.step, now - t0
             return now
 
+        def advance(flag) -> None:
+            """One step with its bookkeeping: progress, callback, loss log, Ctrl-C, periodic checkpoint."""
+            self.train_step()
+            bar.update(1)
+            if callback is not None:
+                callback(self)
+            at_ckpt = checkpoint_dir is not None and self.step % checkpoint_every == 0
+            if self.step % LOG_EVERY == 0 or self.step == target or at_ckpt or flag["sig"]:
+                self._flush_losses()
+                now = self.clock()
+                rate = (self.step - rate_mark[1]) * self.config.batch_size / max(now - rate_mark[0], 1e-9)
+                rate_mark[:] = [now, self.step]
+                bar.set_postfix(loss=f"{self.loss_ema:.4f}", img_s=f"{rate:.0f}", refresh=False)
+            if flag["sig"]:
+                sync_record()
+                path = None
+                if checkpoint_dir is not None:
+                    path = self.save_checkpoint(checkpoint_dir, keep=keep_checkpoints)
+                raise TrainingInterrupted(self.step, path, flag["sig"])
+            if at_ckpt and self.step != target:
+                sync_record()
+                self.save_checkpoint(checkpoint_dir, keep=keep_checkpoints)
+
+        ckpt_s = 0.0  # measured cost of one checkpoint (0 without checkpoints)
         try:
             with _deferred_signals(handle_signals) as flag:
-                while self.step < steps:
-                    self.train_step()
-                    bar.update(1)
-                    if callback is not None:
-                        callback(self)
-                    at_ckpt = checkpoint_dir is not None and self.step % checkpoint_every == 0
-                    if self.step % LOG_EVERY == 0 or self.step == steps or at_ckpt or flag["sig"]:
-                        self._flush_losses()
-                        now = time.perf_counter()
-                        rate = (self.step - last_step) * self.config.batch_size / max(now - last_t, 1e-9)
-                        last_t, last_step = now, self.step
-                        bar.set_postfix(loss=f"{self.loss_ema:.4f}", img_s=f"{rate:.0f}", refresh=False)
-                    if flag["sig"]:
-                        sync_record()
-                        path = None
-                        if checkpoint_dir is not None:
-                            path = self.save_checkpoint(checkpoint_dir, keep=keep_checkpoints)
-                        raise TrainingInterrupted(self.step, path, flag["sig"])
-                    if at_ckpt and self.step < steps:
-                        sync_record()
-                        self.save_checkpoint(checkpoint_dir, keep=keep_checkpoints)
+                if planning:
+                    self._plan_budget(budget_s, steps, t0, lambda: advance(flag), checkpoint_dir,
+                                      checkpoint_every, keep_checkpoints)
+                    ckpt_s = self.plan["checkpoint_s"]
+                    target = self.total_steps
+                    record["total_steps"] = target
+                    bar.total = target
+                    bar.refresh()
+                elif budget_s is not None:
+                    ckpt_s = (self.plan or {}).get("checkpoint_s", 0.0) if checkpoint_dir is not None else 0.0
+                # Leave the time of the final checkpoint (and a little more) before the deadline.
+                stop_at = None if budget_s is None else t0 + budget_s - 1.2 * ckpt_s - 0.01 * budget_s
+                while self.step < target:
+                    if stop_at is not None and self.clock() > stop_at:
+                        record["stopped_early"] = True
+                        break
+                    advance(flag)
             self._flush_losses()
             sync_record()
             if checkpoint_dir is not None and self._saved_step != self.step:
@@ -463,9 +549,53 @@ class UNetTrainer:
             sync_record()
         return self
 
+    def _plan_budget(self, budget_s: float, cap: int | None, t0: float, advance: Callable[[], None],
+                     checkpoint_dir, checkpoint_every: int, keep: int) -> None:
+        """Measure throughput for the first seconds, time one checkpoint, then fix ``total_steps``."""
+        calib_s = min(max(2.0, 0.05 * budget_s), 60.0)
+        chunk = 10 if self.cuda else 1  # steps between device syncs while measuring
+        marks = [(self.clock(), self.step)]
+        while self.clock() < t0 + calib_s and (cap is None or self.step < cap):
+            for _ in range(chunk):
+                if cap is not None and self.step >= cap:
+                    break
+                advance()
+            self._sync()
+            marks.append((self.clock(), self.step))
+        # Throughput from the marks after the first 30% of the window (start-up, compilation, cudnn
+        # autotuning); from all of them when the steps are too slow for that.
+        late = [m for m in marks[1:] if m[0] >= t0 + 0.3 * calib_s]
+        first, last = (late[0], late[-1]) if len(late) >= 2 else (marks[0], marks[-1])
+        rate = (last[1] - first[1]) / max(last[0] - first[0], 1e-9)  # steps per second
+        ckpt_s = 0.0
+        if checkpoint_dir is not None:  # a first checkpoint, early: it also prices the ones to come
+            start = self.clock()
+            self.save_checkpoint(checkpoint_dir, keep=keep)
+            ckpt_s = self.clock() - start
+        now = self.clock()
+        margin = 0.02 * budget_s + 1.2 * ckpt_s  # drift, and the final checkpoint
+        more = 0
+        for _ in range(3):  # periodic checkpoints cost time too: settle their count
+            periodic = more // checkpoint_every if checkpoint_dir is not None else 0
+            left = t0 + budget_s - now - margin - periodic * ckpt_s
+            more = max(0, int(rate * left))
+        total = self.step + more
+        if cap is not None:
+            total = min(total, cap)
+        self.plan = {"budget_s": budget_s, "calibration_s": now - t0 - ckpt_s, "calibration_steps": self.step,
+                     "steps_per_s": rate, "images_per_s": rate * self.config.batch_size,
+                     "checkpoint_s": ckpt_s, "planned_steps": total, "cap": cap}
+        self.set_total_steps(total)
+
     @property
     def total_wall_s(self) -> float:
         return sum(r["wall_s"] for r in self.history)
+
+    @property
+    def images_per_s(self) -> float | None:
+        """Training images per second of wall time over every fit() segment (checkpoints included)."""
+        steps = sum(r["end_step"] - r["start_step"] for r in self.history)
+        return steps * self.config.batch_size / self.total_wall_s if self.total_wall_s > 0 else None
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, root: str | os.PathLike, *, keep: int = 1) -> Path:
@@ -493,7 +623,9 @@ class UNetTrainer:
                 "history": self.history,
                 "model_config": self.model_config.to_dict(),
                 "train_config": self.config.to_dict(),
-                "schedule": schedule_record(self.schedule),
+                "schedule": schedule_record(self.schedule, self.config.prediction),
+                "lr_schedule": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps},
+                "plan": self.plan,
                 "data": {"name": self.data.name, "fingerprint": self.data.fingerprint, "num": len(self.data),
                          "shape": list(self.data.shape)},
                 "optimizer": opt_rest,
@@ -535,9 +667,12 @@ class UNetTrainer:
                 f"--resume: the data differ from the checkpoint's ({data.name}, {len(data)} images, fingerprint "
                 f"{data.fingerprint[:12]} vs {want['name']}, {want['num']} images, {want['fingerprint'][:12]}); "
                 "pass the same data options as the original run")
-        if state["schedule"] != schedule_record(schedule):
-            raise ConfigError(f"--resume: the checkpoint was trained with schedule {state['schedule']}")
         tc = state["train_config"]
+        # checkpoints from before v-prediction and the cosine decay trained epsilon, at a constant rate
+        tc.setdefault("prediction", "epsilon")
+        tc.setdefault("lr_decay", "constant")
+        if state["schedule"] != schedule_record(schedule, tc["prediction"]):
+            raise ConfigError(f"--resume: the checkpoint was trained with schedule {state['schedule']}")
         for key, value in (("device", device), ("amp", amp), ("channels_last", channels_last), ("compile", compile)):
             if value is not None:
                 tc[key] = value
@@ -581,6 +716,10 @@ class UNetTrainer:
         self.loss_log = [list(x) for x in state["loss_log"]]
         self.history = list(state["history"])
         self._saved_step = self.step
+        lr_schedule = state.get("lr_schedule") or {}
+        self.total_steps = lr_schedule.get("total_steps")
+        self.warmup_steps = lr_schedule.get("warmup_steps", self.config.warmup)
+        self.plan = state.get("plan")
 
     # -- export ---------------------------------------------------------------------------------
     def ema_model(self, dtype: torch.dtype = torch.float32):
@@ -630,11 +769,18 @@ class UNetTrainer:
                 "loss_ema_decay": LOSS_EMA_DECAY,
                 "loss_log": self.loss_log,
                 "wall_time_s": self.total_wall_s,
+                "images_per_s": self.images_per_s,
+                "device": device_name(self.device),
+                "prediction": self.config.prediction,
+                "lr_schedule": {"decay": self.config.lr_decay, "total_steps": self.total_steps,
+                                "warmup_steps": self.warmup_steps},
+                "plan": self.plan,
+                "stopped_early": any(h.get("stopped_early") for h in self.history),
                 "history": self.history,
                 "weights": {"file": WEIGHTS_NAME, "sha256": sha256_file(weights), "dtype": dtype, "source": "ema"},
                 "model_config": self.model_config.to_dict(),
                 "train_config": self.config.to_dict(),
-                "schedule": schedule_record(self.schedule),
+                "schedule": schedule_record(self.schedule, self.config.prediction),
                 "num_parameters": sum(p.numel() for p in self.params),
             }
             for name in (WEIGHTS_NAME, "config.json"):
@@ -651,6 +797,14 @@ def _step_name(step: int) -> str:
     return f"step-{step:07d}"
 
 
-def schedule_record(schedule: Schedule) -> dict:
-    """The noise schedule as stored in checkpoints and manifests (diffusers scheduler keywords)."""
-    return {**schedule.scheduler_kwargs(), "prediction_type": "epsilon"}
+def schedule_record(schedule: Schedule, prediction: str = "epsilon") -> dict:
+    """The noise schedule and parametrisation as stored in checkpoints and manifests (diffusers
+    scheduler keywords; ``prediction_type`` is ``epsilon`` or ``v_prediction``)."""
+    return {**schedule.scheduler_kwargs(), "prediction_type": PREDICTIONS[prediction]}
+
+
+def device_name(device: torch.device) -> str:
+    """``cpu`` or the GPU's name (``cuda: NVIDIA H200``), for run records."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return device.type

@@ -141,7 +141,7 @@ def run_ours(args, out_path: str) -> None:
 
     dev = args.device
     data = load(args.num_train)
-    rate0 = matmul_rate(dev)  # the floor's rate: the best of measurements before and after the run
+    rate0 = matmul_rate(dev, args.rate_size)  # the floor's rate: the best of measurements before and after the run
     base_mem = reset_peak_memory(dev)  # the raw uint8 set stays; the rest is ours
     den = make_denoiser("masked", data, device=dev, dtype=args.dtype, threads=args.threads)
     noise = initial_noise(args.batch, data.shape, seed=args.seed)
@@ -169,7 +169,7 @@ def run_ours(args, out_path: str) -> None:
                           nnz=plan.nnz, tile=list(plan.tile_shape), dense=plan.dense,
                           macs_per_nnz=plan.macs / plan.nnz if plan.nnz else float("nan"),
                           max_diff_vs_sampling_run=float((out.cpu() - traj.x0_hat[s]).abs().max())))
-    rate, erate = max(rate0, matmul_rate(dev)), exp_rate(dev)
+    rate, erate = max(rate0, matmul_rate(dev, args.rate_size)), exp_rate(dev)
     torch.save(dict(xt=traj.xt, x0=traj.x0_hat, samples=traj.samples, steps=steps, timesteps=traj.timesteps,
                     masks={t: den.masks(t).cpu() for t in traj.timesteps}, matmul_rate=rate, exp_rate=erate,
                     mem_mb=peak_memory_mib(dev), base_mem_mb=base_mem, num_train=len(data), n=data.dim,
@@ -202,7 +202,7 @@ def child(args, part: str, *paths) -> None:
     cmd = [sys.executable, os.path.abspath(__file__), "--part", part, *paths, "--device", args.device,
            "--num-train", str(args.num_train), "--steps", str(args.steps), "--batch", str(args.batch),
            "--seed", str(args.seed), "--reference", args.reference, "--ref-chunk", str(args.ref_chunk),
-           "--repeat", str(args.repeat), "--dtype", args.dtype]
+           "--repeat", str(args.repeat), "--dtype", args.dtype, "--rate-size", str(args.rate_size)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     subprocess.run(cmd, check=True)
@@ -222,6 +222,8 @@ def main() -> None:
     ap.add_argument("--ref-chunk", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=3, help="timed calls of ours per step (best is reported)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--rate-size", type=int, default=4096,
+                    help="side of the square product that measures the floor's multiply-add rate")
     ap.add_argument("--part", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.part:

@@ -4,11 +4,19 @@ Rows, measured one after the other in one process on one device:
   plain        the textbook loop: fp32, NCHW, eager, AdamW, no clipping, no EMA;
   ours-fp32    localdiff's UNetTrainer with autocast/channels-last/compile off (its bookkeeping cost:
                data order, clipping, EMA, seeded dropout);
-  ours         UNetTrainer as `localdiff train-unet` runs it: on CUDA bf16 autocast + channels-last
-               (+ torch.compile with --compile); on the CPU the same as ours-fp32, so it is skipped.
+  ours         UNetTrainer as `localdiff train-unet` runs it: on CUDA bf16 autocast + channels-last;
+               on the CPU the same as ours-fp32, so it is skipped;
+  ours-compile the same with torch.compile (with --compile).
+
+The untimed warm-up steps of each row are timed too: for ours-compile they hold the compilation. From
+them and the rates follows the budget above which compiling pays off: a run of B seconds trains
+(B - warm-up) x rate images, so compile wins once B > (w_c r_c - w_e r_e) / (r_c - r_e)
+(``compile_break_even_s``; infinite when compiling is not faster per step). ``--budget-s B`` says which
+to choose for a run of B seconds.
 
     python benchmarks/bench_unet_training.py [--device cpu|cuda] [--config small|paper] [--dataset mnist]
-        [--batch-size 128] [--steps 20] [--warmup-steps 3] [--rounds 3] [--compile] [--threads N] [--json out.json]
+        [--batch-size 128] [--steps 20] [--warmup-steps 3] [--rounds 3] [--compile] [--budget-s 180]
+        [--threads N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -53,11 +61,16 @@ def plain_loop(data, cfg, device, batch_size: int, lr: float):
 
 
 def measure(rows: dict, device, steps: int, warmup: int, rounds: int, batch_size: int) -> dict:
-    """Images/s of every row; rows take turns in ``rounds`` blocks so that drifting load hits all alike."""
-    for step in rows.values():
+    """Images/s of every row; rows take turns in ``rounds`` blocks so that drifting load hits all alike.
+    The untimed warm-up steps are timed separately (``warmup_s``: compilation, autotuning)."""
+    warmup_s = {}
+    for name, step in rows.items():
+        sync(device)
+        start = time.perf_counter()
         for _ in range(warmup):
             step()
-    sync(device)
+        sync(device)
+        warmup_s[name] = time.perf_counter() - start
     seconds = dict.fromkeys(rows, 0.0)
     done = dict.fromkeys(rows, 0)
     peak = {}
@@ -77,7 +90,8 @@ def measure(rows: dict, device, steps: int, warmup: int, rounds: int, batch_size
                 peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated(device) / 2**30)
     out = {}
     for name in rows:
-        out[name] = {"images_per_s": done[name] * batch_size / seconds[name], "s_per_step": seconds[name] / done[name]}
+        out[name] = {"images_per_s": done[name] * batch_size / seconds[name], "s_per_step": seconds[name] / done[name],
+                     "warmup_s": warmup_s[name], "warmup_steps": warmup}
         if name in peak:
             out[name]["peak_mem_gib"] = peak[name]  # includes the other rows' resident models
     return out
@@ -92,7 +106,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per row")
     ap.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first (compilation happens here)")
     ap.add_argument("--rounds", type=int, default=3, help="rows take turns in this many timed blocks")
-    ap.add_argument("--compile", action="store_true", help="also torch.compile in the 'ours' row")
+    ap.add_argument("--compile", action="store_true", help="also an 'ours-compile' row (torch.compile)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="say whether compiling pays off within a training budget of this many seconds")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
@@ -121,8 +137,10 @@ def main() -> None:
         return trainer.train_step
 
     rows["ours-fp32"] = ours(amp=False, channels_last=False, compile=False)
-    if device.type == "cuda" or args.compile:
-        rows["ours"] = ours(amp=True, channels_last=True, compile=args.compile)
+    if device.type == "cuda":
+        rows["ours"] = ours(amp=True, channels_last=True, compile=False)
+    if args.compile:
+        rows["ours-compile"] = ours(amp=True, channels_last=True, compile=True)
     results["rows"] = measure(rows, device, args.steps, args.warmup_steps, max(1, min(args.rounds, args.steps)), bs)
     for name, r in results["rows"].items():
         print(f"{name:>10}: {r['images_per_s']:9.1f} images/s  ({1000 * r['s_per_step']:.1f} ms/step)"
@@ -132,6 +150,17 @@ def main() -> None:
         r["speedup_vs_plain"] = r["images_per_s"] / base
     print(f"{args.config} ({n_params / 1e6:.2f} M parameters), batch {bs}, {data.shape} on {device}: "
           + ", ".join(f"{k} x{v['speedup_vs_plain']:.2f}" for k, v in results["rows"].items()))
+    if "ours-compile" in results["rows"]:
+        eager = results["rows"]["ours" if "ours" in results["rows"] else "ours-fp32"]
+        comp = results["rows"]["ours-compile"]
+        re_, rc = eager["images_per_s"], comp["images_per_s"]
+        we, wc = eager["warmup_s"], comp["warmup_s"]
+        results["compile_break_even_s"] = (wc * rc - we * re_) / (rc - re_) if rc > re_ else float("inf")
+        print(f"compile: {rc / re_:.2f}x the eager rate after {wc:.1f} s of warm-up (eager {we:.1f} s); pays off "
+              f"for budgets over {results['compile_break_even_s']:.0f} s")
+        if args.budget_s is not None:
+            results["compile_pays_off"] = bool(args.budget_s > results["compile_break_even_s"])
+            print(f"within {args.budget_s:.0f} s: {'compile' if results['compile_pays_off'] else 'stay eager'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

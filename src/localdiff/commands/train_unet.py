@@ -45,8 +45,9 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="train until this many optimisation steps in total (with --minutes: at most this many)")
     p.add_argument("--minutes", type=float, default=None,
-                   help="wall-clock budget of the whole command: the number of steps is planned from the throughput "
-                        "measured in the first seconds, and the learning-rate schedule fitted to it")
+                   help="wall-clock budget of the whole command, counted from its start: the number of steps is "
+                        "planned from the throughput measured in the first seconds, and the learning-rate schedule "
+                        "fitted to it")
     p.add_argument("--out", required=True,
                    help="new run directory (never overwritten; with --resume it may be the run being resumed)")
     g = p.add_argument_group("recipe (defaults depend on --config; fixed once a run has started)")
@@ -107,7 +108,7 @@ def run(args) -> int:
     from ..unet.configs import TRAIN_RECIPES, unet_config
     from ..unet.training import TrainingInterrupted, UNetTrainer, find_checkpoint, list_checkpoints
 
-    started = time.perf_counter()
+    started = getattr(args, "started_at", None) or time.perf_counter()  # where a --minutes budget counts from
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps must be positive, got {args.steps}")
     if args.minutes is not None and not 0 < args.minutes < 1e6:
@@ -152,8 +153,8 @@ def run(args) -> int:
     if args.minutes is not None:  # what is left of the budget after start-up, less the export's share
         budget_s = args.minutes * 60.0 - (time.perf_counter() - started) - EXPORT_RESERVE_S - 0.6 * args.minutes
         if budget_s <= 0:
-            raise ConfigError(f"--minutes {args.minutes} leaves no time to train after loading the data "
-                              f"({time.perf_counter() - started:.1f} s); give a larger budget")
+            raise ConfigError(f"--minutes {args.minutes} leaves no time to train after starting and loading the "
+                              f"data ({time.perf_counter() - started:.1f} s); give a larger budget")
     try:
         trainer.fit(args.steps, budget_s=budget_s, checkpoint_dir=ckpt_dir, checkpoint_every=args.checkpoint_every,
                     keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress, label=command_line())

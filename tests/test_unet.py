@@ -502,3 +502,65 @@ def test_train_unet_minutes_budget(tmp_path):
     assert m["steps"] == m["lr_schedule"]["total_steps"] == m["plan"]["planned_steps"] or m["stopped_early"]
     assert m["wall_time_s"] < 9.0 and m["images_per_s"] > 0 and m["device"] == "cpu"
     assert m["epochs"] == pytest.approx(m["steps"] * 4 / 12)
+
+
+# -- damaged checkpoints, killed runs ------------------------------------------------------------------
+
+def test_every_checkpoint_file_is_checksummed_and_damage_names_the_last_good_one(tmp_path):
+    from localdiff.unet.training import CHECKPOINT_FILES, CheckpointError
+
+    data = tiny_data()
+    tr = UNetTrainer(data, TINY, tiny_recipe())
+    tr.fit(2, total_steps=4, checkpoint_dir=tmp_path, keep_checkpoints=0, progress=False)
+    tr.fit(4, checkpoint_dir=tmp_path, keep_checkpoints=0, progress=False)
+    good, newest = list_checkpoints(tmp_path)
+    assert UNetTrainer.from_checkpoint(newest, data).step == 4
+    rng = np.random.default_rng(0)
+    for name in (*CHECKPOINT_FILES, "checksums.json"):
+        f = newest / name
+        original = f.read_bytes()
+        for bit in rng.choice(len(original) * 8, size=3, replace=False):  # one bit flipped anywhere, metadata too
+            damaged = bytearray(original)
+            damaged[bit // 8] ^= 1 << (bit % 8)
+            f.write_bytes(bytes(damaged))
+            with pytest.raises(CheckpointError, match=f"corrupt.*last good checkpoint is {good}"):
+                UNetTrainer.from_checkpoint(newest, data)
+        f.write_bytes(original[: len(original) // 2])  # truncated
+        with pytest.raises(CheckpointError, match=f"step-0000004.*corrupt"):
+            UNetTrainer.from_checkpoint(newest, data)
+        f.write_bytes(original)
+    assert UNetTrainer.from_checkpoint(newest, data).step == 4  # intact again
+
+
+def test_partials_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".step-0000003.pid{dead.pid}.abc.partial").mkdir()  # killed during a write
+    (tmp_path / ".step-0000002.xyz.partial").mkdir()  # from before PIDs were recorded
+    live = tmp_path / f".step-0000005.pid{os.getppid()}.def.partial"  # a process that still runs
+    live.mkdir()
+    UNetTrainer(tiny_data(), TINY, tiny_recipe()).fit(1, checkpoint_dir=tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "step-0000001"])
+
+
+def test_run_killed_before_its_first_checkpoint_does_not_block_a_rerun(tmp_path, capsys):
+    from localdiff.cli import main
+
+    npz = tmp_path / "tiny.npz"
+    np.savez(npz, images=np.random.default_rng(0).integers(0, 256, (12, 8, 8)).astype(np.uint8))
+    out = tmp_path / "run"
+    (out / "checkpoints" / ".step-0000001.pid999999999.x.partial").mkdir(parents=True)  # SIGKILL mid-write
+    cmd = ["train-unet", "--data", str(npz), "--config", "small", "--steps", "2", "--out", str(out),
+           "--batch-size", "4", "--device", "cpu", "--no-progress"]
+    assert main([*cmd, "--resume", str(out)]) == 2
+    assert "without --resume" in capsys.readouterr().err
+    assert main(cmd) == 0
+    assert "starting afresh" in capsys.readouterr().err
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-0000002"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")  # anything else is never removed
+    assert main([str(tmp_path / "other") if a == str(out) else a for a in cmd]) == 2
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"

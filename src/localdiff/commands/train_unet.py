@@ -91,6 +91,25 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _leftover(out: Path) -> bool:
+    """True when ``out`` holds nothing but what a killed run leaves before its first checkpoint: an empty
+    ``checkpoints/`` folder and partial directories of processes that no longer run."""
+    from ..unet.training import MANIFEST_NAME, list_checkpoints, remove_stale_partials
+
+    entries = {p.name for p in out.iterdir()}
+    if not entries <= {"checkpoints"} | {n for n in entries if n.endswith(".partial")}:
+        return False
+    ckpts = out / "checkpoints"
+    if (out / MANIFEST_NAME).exists() or list_checkpoints(ckpts):
+        return False
+    remove_stale_partials(out)
+    if ckpts.is_dir():
+        remove_stale_partials(ckpts)
+        if any(ckpts.iterdir()):
+            return False  # a live process is writing there
+    return not any(p.name.endswith(".partial") for p in out.iterdir())
+
+
 def _given(args, names) -> dict:
     return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
 
@@ -119,6 +138,10 @@ def run(args) -> int:
     if args.checkpoint_every < 1:
         raise ConfigError(f"--checkpoint-every must be positive, got {args.checkpoint_every}")
     out = Path(args.out)
+    if out.is_dir() and not args.resume and _leftover(out):  # a run killed before its first checkpoint
+        print(f"localdiff train-unet: {out} holds only the remains of a run killed before its first checkpoint; "
+              "starting afresh in it", file=sys.stderr)
+        shutil.rmtree(out)
     ckpt = find_checkpoint(args.resume) if args.resume else None
     if ckpt is None and out.exists():
         raise ConfigError(f"output directory {out} already exists; choose a new --out (runs are never overwritten), "

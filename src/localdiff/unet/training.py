@@ -20,9 +20,13 @@ Checkpoint layout (no pickle anywhere; tensors in safetensors, everything else i
         optimizer.safetensors   AdamW tensors, keys "state.<param index>.<name>"
         rng.safetensors         generator states: "device" (timesteps, noise, flips), "cpu" (dropout seeds)
         state.json              step, data order, loss statistics, configs, optimizer scalars, history
+        checksums.json          sha256 of every byte of the five files above
 
-A checkpoint directory is written as ``.step-XXXXXXX.partial`` and renamed when complete; older ones
-are removed only afterwards.
+A checkpoint directory is written as ``.step-XXXXXXX.pid<PID>.<random>.partial`` and renamed when
+complete; older ones are removed only afterwards. Loading verifies every checksum first: a corrupt or
+truncated checkpoint is an error that names the file and the newest checkpoint that still verifies.
+Partial directories of processes that no longer run (a kill during a write) are removed by the next
+checkpoint written to the same folder.
 """
 
 from __future__ import annotations
@@ -223,7 +227,10 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
     if not path.is_file():
         raise ConfigError(f"checkpoint file {path} is missing: an incomplete or foreign checkpoint")
-    return load_file(str(path), device="cpu")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own SafetensorError and OSError on damaged files
+        raise CheckpointError(f"checkpoint file {path} cannot be read ({exc}); it is truncated or corrupt") from exc
 
 
 def _write_json(path: Path, obj) -> None:
@@ -237,6 +244,89 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+CHECKSUMS_NAME = "checksums.json"
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that is truncated, modified or unreadable."""
+
+
+def _write_checksums(ckpt: Path) -> None:
+    """Record the sha256 of every checkpoint file (written last: the checkpoint is whole once it exists)."""
+    _write_json(ckpt / CHECKSUMS_NAME, {"format": "sha256/1",
+                                        "files": {n: sha256_file(ckpt / n) for n in CHECKPOINT_FILES}})
+
+
+def verify_checkpoint(ckpt: str | os.PathLike) -> None:
+    """:class:`CheckpointError` unless every file of ``ckpt`` matches its recorded sha256, naming the first
+    bad file and the newest other checkpoint beside it that verifies. Checkpoints from before checksums
+    were written are accepted with a warning."""
+    ckpt = Path(ckpt)
+    problem = _checksum_problem(ckpt)
+    if problem is None:
+        return
+    if problem == "unverified":
+        warnings.warn(f"checkpoint {ckpt} predates checksums ({CHECKSUMS_NAME}); it is loaded unverified",
+                      RuntimeWarning)
+        return
+    good = next((c for c in reversed(list_checkpoints(ckpt.parent)) if c != ckpt and _checksum_problem(c) is None),
+                None)
+    hint = (f"the last good checkpoint is {good}: resume from it with --resume {good}" if good is not None else
+            "no other checkpoint beside it verifies; start the run again")
+    raise CheckpointError(f"checkpoint {ckpt} is corrupt: {problem}; {hint}")
+
+
+def _checksum_problem(ckpt: Path) -> str | None:
+    """None when ``ckpt`` verifies, "unverified" without a checksum file, else what is wrong."""
+    sums = ckpt / CHECKSUMS_NAME
+    if not sums.is_file():
+        return "unverified"
+    try:
+        record = json.loads(sums.read_text())
+        files = record["files"]
+        assert record["format"] == "sha256/1" and set(files) == set(CHECKPOINT_FILES)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        return f"{sums} is damaged"
+    for name in CHECKPOINT_FILES:
+        if not (ckpt / name).is_file():
+            return f"{ckpt / name} is missing"
+        if sha256_file(ckpt / name) != files[name]:
+            return f"{ckpt / name} does not match its sha256 (truncated or modified)"
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_partials(root: str | os.PathLike) -> list[Path]:
+    """Remove ``.step-*.partial`` / ``.export.*.partial`` / ``.step-*.stale`` directories in ``root`` left by
+    processes that no longer run (their PID is in the name; names without one are from before PIDs were
+    recorded, and are removed too). Returns what was removed."""
+    root = Path(root)
+    removed = []
+    if not root.is_dir():
+        return removed
+    for p in root.iterdir():
+        if not (p.name.startswith(".") and p.name.endswith((".partial", ".stale")) and p.is_dir()):
+            continue
+        m = re.search(r"\.pid(\d+)\.", p.name)
+        if m and int(m.group(1)) != os.getpid() and _pid_alive(int(m.group(1))):
+            continue
+        if m and int(m.group(1)) == os.getpid():
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -265,7 +355,8 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     if not p.exists():
         raise ConfigError(f"--resume: {p} does not exist")
     raise ConfigError(f"--resume: no complete checkpoint in {p}; expected a train-unet run directory (with "
-                      "checkpoints/step-N/), a checkpoints folder, or one step-N checkpoint directory")
+                      "checkpoints/step-N/), a checkpoints folder, or one step-N checkpoint directory. A run killed "
+                      "before its first checkpoint has nothing to resume: run the same command without --resume")
 
 
 # -- the trainer -----------------------------------------------------------------------------------
@@ -604,7 +695,8 @@ class UNetTrainer:
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         final = root / _step_name(self.step)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=root))
+        remove_stale_partials(root)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.pid{os.getpid()}.", suffix=".partial", dir=root))
         try:
             names = [n for n, p in self.model.named_parameters() if p.requires_grad]
             _save_tensors(self.model.state_dict(), tmp / "model.safetensors")
@@ -630,11 +722,12 @@ class UNetTrainer:
                          "shape": list(self.data.shape)},
                 "optimizer": opt_rest,
             })
+            _write_checksums(tmp)
             _fsync_dir(tmp)
             _readable(tmp, 0o777)
             stale = None
             if final.exists():  # a checkpoint of this very step: move it aside, remove it once replaced
-                stale = root / f".{final.name}.stale"
+                stale = root / f".{final.name}.pid{os.getpid()}.stale"
                 shutil.rmtree(stale, ignore_errors=True)
                 os.replace(final, stale)
             os.replace(tmp, final)
@@ -658,7 +751,12 @@ class UNetTrainer:
         Only the runtime choices (device, amp, channels_last, compile) may change on resume.
         """
         ckpt = find_checkpoint(path)
-        state = json.loads((ckpt / "state.json").read_text())
+        verify_checkpoint(ckpt)
+        try:
+            state = json.loads((ckpt / "state.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{ckpt / 'state.json'} is not readable JSON ({exc}); the checkpoint is corrupt") \
+                from exc
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ConfigError(f"{ckpt} is not a {CHECKPOINT_FORMAT} checkpoint (format {state.get('format')!r})")
         want = state["data"]
@@ -750,7 +848,8 @@ class UNetTrainer:
         self._flush_losses()
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".export.", suffix=".partial", dir=out))
+        remove_stale_partials(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".export.pid{os.getpid()}.", suffix=".partial", dir=out))
         try:
             self.ema_model(dtypes[dtype]).save_pretrained(tmp, safe_serialization=True)
             weights = tmp / WEIGHTS_NAME

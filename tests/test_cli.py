@@ -140,3 +140,12 @@ def test_fields_command(npz_data, tmp_path, tmp_cache):
 def test_console_script_installed():
     r = subprocess.run([sys.executable, "-m", "localdiff.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "sample" in r.stdout and "fields" in r.stdout
+
+
+def test_opt_strings_reach_typed_options(npz_data, tmp_path, tmp_cache):
+    """--opt keeps its key=value strings; the option parser turns them into the typed fields."""
+    out = tmp_path / "masked"
+    assert main(["sample", "--data", str(npz_data), "--model", "masked", "--opt", "tile=2x3", "--opt", "path=grouped",
+                 "--opt", "tau=0.05", "--num", "2", "--steps", "2", "--device", "cpu", "--out", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["model"]["tile"] == [2, 3] and run["model"]["path"] == "grouped" and run["model"]["tau"] == 0.05

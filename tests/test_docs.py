@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +59,8 @@ def test_example_reproduces_the_table_on_a_subset(tmp_path):
     r = subprocess.run([sys.executable, str(script), "--subset", "5000", "--num", "2"], capture_output=True,
                        text=True, timeout=600, cwd=tmp_path, env=env, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(wiener|optimal|masked)\s+(-?[\d.]+)", r.stdout, re.M)}
+    rows = {m.group(1): float(m.group(2))
+            for m in re.finditer(r"^(wiener|optimal|masked)\s+(-?[\d.]+)", r.stdout, re.M)}
     assert set(rows) == {"wiener", "optimal", "masked"}, r.stdout
-    assert all(-5 < v <= 1 for v in rows.values())
-    assert rows["masked"] > rows["optimal"]  # the paper's finding: the local model is closer to the network
+    # the paper's finding: the local models explain most of the network's samples, the memorising one does not
+    assert rows["masked"] > 0.4 and rows["wiener"] > 0.4 and rows["masked"] > rows["optimal"] + 0.2

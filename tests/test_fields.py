@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from localdiff import make_denoiser
-from localdiff.data.dataset import ImageDataset
 from localdiff.denoisers import Capabilities, Denoiser
 from localdiff.denoisers.base import DenoiserConfig
 from localdiff.diffusion import DEFAULT_SCHEDULE as S

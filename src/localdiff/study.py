@@ -298,6 +298,7 @@ def run_study(data, held_out, config: StudyConfig = StudyConfig(), *, options: d
     if config.subset is not None and config.subset < len(data):
         fit_data = data.subset(config.subset, seed=config.data_seed)
     field_skipped: dict[str, str] = {}
+    spectrum = None  # the training set's statistics, computed after the U-Net is built (below)
     start_all = time.perf_counter()
     seconds: dict[str, float] = {}
 
@@ -381,7 +382,8 @@ def run_study(data, held_out, config: StudyConfig = StudyConfig(), *, options: d
     seconds["held_out_distances"] = time.perf_counter() - t0
     bar.update()
     bar.close()
-    del unet, spectrum
+    del unet
+    spectrum = None
     _release(device)
     seconds["total"] = time.perf_counter() - start_all
     return StudyResults(

@@ -26,7 +26,7 @@ def optimal_logits(x: torch.Tensor, y: torch.Tensor, y_sq: torch.Tensor, a: floa
 @dataclass
 class EmpiricalConfig(DenoiserConfig):
     chunk: int = 4096  # training images per streamed chunk (the result does not depend on it)
-    dtype: Literal["float32", "float64"] = "float64"  # arithmetic of the distances; float64 keeps low-noise logits exact
+    dtype: Literal["float32", "float64"] = "float64"  # arithmetic of the distances (float64: exact low-noise logits)
     resident: bool | None = None  # keep the float training set on the device (default: if it fits)
 
 

@@ -16,6 +16,7 @@ import gc
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -79,7 +80,7 @@ class StudyConfig:
     num: int = 8  # samples per model, all from the same initial noise
     steps: int = 10  # DDIM steps (10: timesteps 900, 800, ..., 0)
     seed: int = 0  # seed of the initial noise, the field draws and the held-out subset
-    sampler: str = "ddim"
+    sampler: Literal["ddim", "ddpm"] = "ddim"
     batch_size: int | None = None  # denoise this many samples at a time (None: all)
     subset: int | None = None  # fit the analytical models on a seeded subset of this many training images
     data_seed: int = 0  # seed of that subset

@@ -34,11 +34,12 @@ import torch
 
 from ..errors import ConfigError
 from ..stats import Spectrum, data_spectrum
-from .base import Capabilities, ColumnBlocks, Denoiser, DenoiserConfig, register, resolve_dtype
+from .base import Capabilities, Denoiser, DenoiserConfig, register, resolve_dtype
 from .masked_kernel import CHUNK_AVERAGE_EPS, LOG2E, KernelInputs, Partial, QOperator, run_workers, stream
 from .masked_plan import MaskPlan, PlanPath, plan_masks
 from .masks import Normalization, default_tau, masked_logits, pixels_outside_own_mask, wiener_masks
 from .softmax import SoftmaxState, merge, shifted_exp
+from .training_set import ColumnBlocks
 
 BLOCK_ELEMENTS = 450_000  # CPU: a tile's gathered rows plus logits per block of training images (~1.8 MB)
 

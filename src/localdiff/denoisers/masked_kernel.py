@@ -15,7 +15,13 @@ redone with its own maximum and the sums so far rescaled, so any block order and
 result. Weights below ``2^-64`` of the shift are dropped (they change x0_hat by less than ``K 2^-64``
 relative, and as subnormal floats they would slow the products a hundredfold). On the CPU the training
 blocks are shared out among worker threads, each running torch single-threaded with its own states;
-:meth:`Partial.merge` combines them (and would combine the shards of several processes the same way).
+:meth:`Partial.merge` combines them (and would combine the shards of several processes the same way:
+each rank streams its share of the blocks, then the partials are gathered and merged).
+
+The masks reach the kernel only through the plan's tiles (``core``: input pixels in every mask of the
+tile, summed once per query with weight 1; ``sub_t``: each pixel's share of the rest, used as the
+weights of :func:`tile_weights`) and through :class:`QOperator` (``M^T`` as a matrix or as weighted
+gathers), so a variant of the model with other masks needs a planner, not another kernel.
 """
 
 from __future__ import annotations

@@ -35,3 +35,18 @@ def small_uint8_data():
     base = rng.integers(0, 256, size=(1, 1, 6, 6))
     x = np.clip(base * 0.5 + rng.integers(0, 128, size=(40, 1, 6, 6)), 0, 255).astype(np.uint8)
     return ImageDataset(raw=x, name="small")
+
+
+def save_tiny_unet(path, size):
+    """A randomly initialised 1-channel diffusers UNet2DModel (8/16 channels) saved with save_pretrained."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    model = UNet2DModel(sample_size=size, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                        layers_per_block=1, norm_num_groups=4)
+    with torch.no_grad():  # make the output depend visibly on the input
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(path, safe_serialization=True)
+    return path

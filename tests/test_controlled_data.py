@@ -14,7 +14,7 @@ from localdiff.data.synthetic import (
     varying_blur_covariance,
     varying_blur_kernel,
 )
-from localdiff.denoisers.linear import wiener_jacobian
+from localdiff.denoisers.wiener import wiener_jacobian
 from localdiff.diffusion import DEFAULT_SCHEDULE as S
 from localdiff.errors import ConfigError
 from localdiff.sensitivity import energy_radius, sensitivity_fields

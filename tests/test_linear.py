@@ -1,4 +1,4 @@
-"""The trained linear denoiser (DESIGN.md §2.2): SGD on the denoising loss converges to the Wiener filter."""
+"""The trained linear denoiser (docs/DESIGN.md §2.2): SGD on the denoising loss converges to the Wiener filter."""
 
 import json
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from localdiff import load_dataset, make_denoiser
-from localdiff.denoisers.linear import wiener_jacobian
-from localdiff.denoisers.trained_linear import parse_timesteps, wiener_offset
+from localdiff.denoisers.linear import parse_timesteps, wiener_offset
+from localdiff.denoisers.wiener import wiener_jacobian
 from localdiff.diffusion import DEFAULT_SCHEDULE as S
 from localdiff.diffusion import timesteps_for
 from localdiff.errors import ConfigError
@@ -109,7 +109,7 @@ def test_seeded_and_configurable(digits, tmp_cache):
     new = a.fit(digits, 400)  # fitting more timesteps later keeps the earlier ones
     assert list(new) == [400] and a.timesteps == (500, 400) and a(torch.zeros(1, 1, 8, 8), 400).shape == (1, 1, 8, 8)
     torch.testing.assert_close(a.jacobian(500), b.jacobian(500), rtol=0, atol=0)
-    assert parse_timesteps("0, 900 ,500,500", S) == (900, 500, 0)
+    assert parse_timesteps((0, 900, 500, 500), S) == (900, 500, 0) and parse_timesteps(400, S) == (400,)
     for bad, msg in [({"timesteps": "1000"}, "timestep must be in"), ({"timesteps": "9x"}, "must be integers"),
                      ({"precondition": "adam"}, "precondition must be one of"),
                      ({"batch_size": 15}, "batch_size must be even"), ({"lr": 0.0}, "lr > 0")]:

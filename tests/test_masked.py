@@ -1,12 +1,16 @@
 """The Wiener-masked local denoiser (`masked`) against plain, independent implementations of its formulas."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from localdiff import make_denoiser, sample
 from localdiff.data.dataset import ImageDataset
-from localdiff.denoisers.local import MaskedDenoiser, _tile_stats, _tiles, default_tau, row_runs, wiener_masks
+from localdiff.denoisers.masked import MaskedDenoiser
+from localdiff.denoisers.masked_plan import row_runs, tile_stats, tiles_of
+from localdiff.denoisers.masks import default_tau, wiener_masks
 from localdiff.diffusion import DEFAULT_SCHEDULE as S
 from localdiff.errors import ConfigError
 from localdiff.stats import Spectrum, data_spectrum
@@ -96,6 +100,11 @@ def queries(data, t, num=3, seed=1):
     return S.q_sample(x0, t, torch.randn(x0.shape, generator=g, dtype=torch.float64))
 
 
+def force_q_mode(den, t, mode, batch=3):
+    """Make the next call at t compute Q by ``mode`` (the cached plan is the one the call uses)."""
+    den._plans[(t, batch)] = dataclasses.replace(den.plan(t, batch), q_mode=mode)
+
+
 def at(den, x, t):
     """x0_hat of a denoiser as float64 [B, n] numbers."""
     return den(x, t).reshape(x.shape[0], -1).double().numpy()
@@ -134,14 +143,14 @@ def test_every_way_of_computing_q_is_exact(smooth, mode, tmp_cache):
         x = queries(smooth, t)
         ref = plain_masked(x.reshape(3, -1).numpy(), y, masks, t)
         den = make_denoiser("masked", smooth, device="cpu", tau=0.05, chunk=9, dtype="float64")
-        den.plan(t, 3).q_mode = mode  # the cached plan is the one the call uses
+        force_q_mode(den, t, mode)
         np.testing.assert_allclose(at(den, x, t), ref, atol=1e-9, err_msg=f"t={t}")
         q = den._q[t].numpy()  # the cached Q itself, [n, K]
         np.testing.assert_allclose(q, masks.T.astype(np.float64) @ (y * y).T, atol=1e-10)
         # with no room to keep Q, each worker computes it into its own buffer, block by block
         bare = make_denoiser("masked", smooth, device="cpu", tau=0.05, chunk=9, dtype="float64", cache_mb=0,
                              threads=2)
-        bare.plan(t, 3).q_mode = mode
+        force_q_mode(bare, t, mode)
         np.testing.assert_allclose(at(bare, x, t), ref, atol=1e-9, err_msg=f"t={t}, Q not kept")
         assert t not in bare._q
 
@@ -207,7 +216,7 @@ def test_tile_counts_equal_plain_set_arithmetic(tile):
     gen = torch.Generator().manual_seed(1)
     masks = torch.rand(n, n, generator=gen) < 0.3  # column i = S_i
     masks[:, [3, 40, 41]] = False  # empty masks
-    tiles = _tiles(shape, *tile)
+    tiles = tiles_of(shape, *tile)
     covered = torch.cat(tiles).sort().values
     assert torch.equal(covered, torch.arange(n))  # a partition of the pixels
     th, tw = tile
@@ -216,7 +225,7 @@ def test_tile_counts_equal_plain_set_arithmetic(tile):
         assert torch.equal(ch.bincount(minlength=2)[0], ch.bincount(minlength=2)[1])
         h, w = hw // 7, hw % 7
         assert len(set((h // th).tolist())) == 1 and len(set((w // tw).tolist())) == 1
-    g, u, c = _tile_stats(masks.float(), masks.any(dim=0), shape, *tile)
+    g, u, c = tile_stats(masks.float(), masks.any(dim=0), shape, *tile)
     for ti, q in enumerate(tiles):
         sets = [set(torch.nonzero(masks[:, i]).squeeze(1).tolist()) for i in q.tolist() if masks[:, i].any()]
         assert int(g[ti]) == len(sets)
@@ -406,7 +415,10 @@ def test_options_defaults_and_sampling(smooth, tmp_cache):
         with pytest.raises(ConfigError):
             make_denoiser("masked", smooth, device="cpu", **bad)
     out = sample(make_denoiser("masked", smooth, device="cpu", tau=0.05), num=2, steps=3, progress=False)
-    assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all() and out.abs().max() <= 1
+    y = torch.from_numpy(flat(smooth))  # each pixel is a softmax average of the training images' values there
+    lo, hi = y.min(0).values.reshape(1, 8, 8), y.max(0).values.reshape(1, 8, 8)
+    assert out.shape == (2, 1, 8, 8) and ((out >= lo - 1e-6) & (out <= hi + 1e-6)).all()
+    assert (out - out.mean(0)).abs().max() > 0.1  # not the mean image: the two samples differ
 
 
 def test_degenerate_official_masks_warn_and_sym_does_not(tmp_cache):

@@ -60,8 +60,6 @@ def test_sensitivity_fields_average_over_draws(small_uint8_data, tmp_cache):
     g = sensitivity_fields(den, small_uint8_data, pixels="2,2;4,1", timesteps=[100, 800], draws=5, seed=1,
                            method="autograd", progress=False)
     assert rel_err(f.mean, g.mean) < 1e-5 and rel_err(f.abs_mean, g.abs_mean) < 1e-5
-    # the mean of absolute values bounds the absolute value of the mean
-    assert (f.abs_mean + 1e-12 >= f.mean.abs()).all()
 
 
 def test_energy_measures_on_known_fields():

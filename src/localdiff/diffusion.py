@@ -1,6 +1,6 @@
 """DDPM forward process and the sampling loops that drive any denoiser ``(x_t, t) -> x0_hat``.
 
-Conventions (DESIGN.md §1): T = 1000 linear betas 1e-4 -> 0.02, ``alpha_bar[t] = prod(1 - beta)``,
+Conventions (docs/DESIGN.md §1): T = 1000 linear betas 1e-4 -> 0.02, ``alpha_bar[t] = prod(1 - beta)``,
 ``x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps``. Sampling uses diffusers' schedulers:
 DDIM (deterministic, "leading" spacing: 900, 800, ..., 0 for 10 steps) and DDPM ancestral.
 """
@@ -62,7 +62,7 @@ class Schedule:
         return self.a(t) * x0 + self.b2(t) ** 0.5 * noise
 
     def eps_from_x0(self, x_t: torch.Tensor, x0_hat: torch.Tensor, t) -> torch.Tensor:
-        """``eps_hat = (x_t - a x0_hat) / sqrt(b2)`` (DESIGN.md §1)."""
+        """``eps_hat = (x_t - a x0_hat) / sqrt(b2)`` (docs/DESIGN.md §1)."""
         return (x_t - self.a(t) * x0_hat) / self.b2(t) ** 0.5
 
     def x0_from_eps(self, x_t: torch.Tensor, eps_hat: torch.Tensor, t) -> torch.Tensor:

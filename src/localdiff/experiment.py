@@ -191,12 +191,12 @@ def run_set(name: str, cfg: ExperimentConfig, unet_root: Path, *, unet_dir: str 
     fields = {"wiener": sensitivity_fields(wiener, test, **kw), "unet": sensitivity_fields(unet, test, **kw)}
     history = None
     if cfg.linear:
-        opts = {"timesteps": ",".join(str(t) for t in cfg.timesteps), "seed": cfg.seed, "device": cfg.device}
+        opts = {"timesteps": tuple(cfg.timesteps), "seed": cfg.seed, "device": cfg.device}
         if cfg.linear_steps is not None:
             opts["steps"] = cfg.linear_steps
         lin = make_denoiser("linear", train, **opts)
         fields["linear"] = sensitivity_fields(lin, test, **kw)
-        history = getattr(lin, "history", None)
+        history = lin.history
     spec = data_spectrum(train, progress=False)
     cov = covariance_fields(spec, fields["unet"])
     comparison = compare(fields, cov)
@@ -221,7 +221,10 @@ def _correlation_ratio(spec, shape) -> float:
 def run_experiment(cfg: ExperimentConfig, unet_root: Path, *, unet_dirs: dict[str, str] | None = None,
                    label: str = "", progress: bool = True) -> list[SetResult]:
     """:func:`run_set` for every set of ``cfg``, in order."""
+    from .device import resolve_device
+
     cfg.validate()
+    cfg = dataclasses.replace(cfg, device=str(resolve_device(cfg.device)))  # once, for every set and model
     unet_dirs = unet_dirs or {}
     unknown = sorted(set(unet_dirs) - set(cfg.sets))
     if unknown:

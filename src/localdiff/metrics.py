@@ -1,4 +1,4 @@
-"""Evaluation (DESIGN.md §4): R² and MSE of a model's x0_hat against a reference (the U-Net), per
+"""Evaluation (docs/DESIGN.md §4): R² and MSE of a model's x0_hat against a reference (the U-Net), per
 sampling step in two modes, and each image's distance to its nearest training image (memorisation).
 
 * ``r2_score``: the official definition, per sample ``R2 = 1 - sum (x - y)^2 / (n Var(y))`` with y

@@ -1,12 +1,14 @@
 """Sensitivity fields (Jacobian rows) of any denoiser, and the locality measures computed from them.
 
 The field of output pixel i at timestep t is ``F_i(t) = E_{x_t}[d x0_hat_i / d x_t]`` with x_t drawn
-from the forward process on held-out images (DESIGN.md §3); ``E|d x0_hat_i / d x_t|`` is kept too.
-Closed forms are used where a denoiser provides them (``jacobian_rows``: wiener, optimal, masked);
-every other denoiser goes through autograd, many rows per backward pass (the input batch is
-replicated once per requested row, which is exact because every denoiser treats batch items
-independently). For colour images a pixel's output is the mean over its output channels unless
-``out_channel`` picks one; fields keep one map per input channel ``[C, H, W]``.
+from the forward process on held-out images (docs/DESIGN.md §3); ``E|d x0_hat_i / d x_t|`` is kept too.
+What each denoiser offers is read from its :class:`~localdiff.denoisers.Capabilities`: closed forms
+where it declares one (``jacobian_rows``: wiener, linear, optimal, masked), one evaluation per
+timestep where its Jacobian is input-independent, and autograd otherwise, many rows per backward pass
+(the input batch is replicated once per requested row, which is exact for a batch-independent model;
+any other model is differentiated one input at a time). For colour images a pixel's output is the mean
+over its output channels unless ``out_channel`` picks one; fields keep one map per input channel
+``[C, H, W]``.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def _output_index(pixels: list[Pixel], shape, out_channel) -> torch.Tensor:
 
 
 def has_closed_form(den) -> bool:
-    return bool(getattr(den, "has_closed_form_jacobian", False)) and hasattr(den, "jacobian_rows")
+    """Whether ``den`` declares an exact ``jacobian_rows``."""
+    return den.capabilities.closed_form_jacobian
 
 
 def jacobian_rows(den, x_t: torch.Tensor, t: int, pixels: list[Pixel], *, method: str = "auto",
@@ -73,20 +76,26 @@ def jacobian_rows(den, x_t: torch.Tensor, t: int, pixels: list[Pixel], *, method
         method = "closed" if has_closed_form(den) else "autograd"
     if method == "closed":
         if not has_closed_form(den):
-            raise ConfigError(f"model '{getattr(den, 'name', den)}' has no closed-form Jacobian; use autograd")
+            raise ConfigError(f"model '{den.name}' has no closed-form Jacobian; use autograd")
         rows = den.jacobian_rows(x_t, t, index.reshape(-1))  # [D, P*Cout, n]
         rows = rows.reshape(x_t.shape[0], P, Cout, -1).mean(dim=2)
         return rows.reshape(x_t.shape[0], P, *shape).detach().to("cpu", torch.float64)
     if method != "autograd":
         raise ConfigError(f"unknown Jacobian method '{method}': use auto, closed or autograd")
+    if den.capabilities.piecewise_constant:
+        raise ConfigError(f"model '{den.name}' is piecewise constant in x_t: its Jacobian is zero almost everywhere")
+    if not den.capabilities.batch_independent:  # replicating the batch would mix the inputs: one at a time
+        return torch.cat([_rows_autograd(den, x_t[d:d + 1], t, index, rows_per_pass, 1) for d in range(len(x_t))])
     return _rows_autograd(den, x_t, t, index, rows_per_pass)
 
 
-def _rows_autograd(den, x_t, t, index, rows_per_pass):
+def _rows_autograd(den, x_t, t, index, rows_per_pass, per_pass=None):
+    """Autograd rows [D, P, C, H, W]: ``per_pass`` pixels per backward pass, the D inputs replicated once
+    per pixel in one batch (default: as many pixels as keep the batch within ``rows_per_pass``)."""
     D = x_t.shape[0]
     shape = tuple(x_t.shape[1:])
     P = index.shape[0]
-    per_pass = max(1, rows_per_pass // D)  # pixels per backward pass
+    per_pass = per_pass or max(1, rows_per_pass // D)  # pixels per backward pass
     out = torch.empty(D, P, *shape, dtype=torch.float64)
     for start in range(0, P, per_pass):
         group = index[start:start + per_pass]  # [G, Cout]
@@ -132,14 +141,19 @@ def sensitivity_fields(den, data, pixels="center", timesteps: Sequence[int] = (1
     if draws < 1:
         raise ConfigError(f"draws must be positive, got {draws}")
     shape = tuple(data.shape)
-    if tuple(getattr(den, "shape", shape)) != shape:
+    if tuple(den.shape) != shape:
         raise ConfigError(f"held-out data shape {shape} does not match the denoiser's {den.shape}")
     pix = parse_pixels(pixels, shape)
     ts = [den.schedule.check_t(t) for t in timesteps]
-    resolved = method if method != "auto" else ("closed" if has_closed_form(den) else "autograd")
-    input_free = resolved == "closed" and bool(getattr(den, "jacobian_is_constant", False))
+    caps = den.capabilities
+    unfitted = [t for t in ts if not caps.accepts(t)]
+    if unfitted:
+        raise ConfigError(f"model '{den.name}' was fitted at timesteps {', '.join(map(str, caps.fitted_timesteps))} "
+                          f"only, not at {', '.join(map(str, unfitted))}")
+    resolved = method if method != "auto" else ("closed" if caps.closed_form_jacobian else "autograd")
+    input_free = resolved == "closed" and caps.constant_jacobian
     means, abss = [], []
-    for t in tqdm(ts, desc=f"fields {getattr(den, 'name', '')}", unit="t", disable=not progress, leave=False):
+    for t in tqdm(ts, desc=f"fields {den.name}", unit="t", disable=not progress, leave=False):
         gen = torch.Generator().manual_seed(int(seed) * 1000 + t)
         x_t = draw_noisy(data, t, 1 if input_free else draws, gen, den.schedule)
         rows = jacobian_rows(den, x_t, t, pix, method=resolved, out_channel=out_channel,

@@ -16,11 +16,14 @@ import gc
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .denoisers import REGISTRY, Capabilities, available_models, make_denoiser
+from .device import resolve_device
 from .diffusion import Trajectory, initial_noise, sample, timesteps_for
 from .errors import ConfigError
 from .metrics import (
@@ -39,16 +42,29 @@ from .sensitivity import (
     sensitivity_fields,
 )
 
-REFERENCE = "unet"
-ANALYTICAL_MODELS = ("wiener", "optimal", "nearest", "masked", "ls", "els", "els-boundary", "pspc", "scfdm")
+REFERENCE = "unet"  # the trained network every analytical model is compared with
+
+
+def analytical_models() -> tuple[str, ...]:
+    """Every registered model computed in closed form from the data (``not capabilities.trained``), in
+    registration order: what ``--models all`` and the GPU preset study."""
+    return tuple(name for name, cls in REGISTRY.items() if not cls.capabilities.trained)
+
+
+ANALYTICAL_MODELS = analytical_models()
 # On two CPU cores these fit the 5-minute budget on the full MNIST training set; els, els-boundary and
 # pspc take 2-10 minutes each there (docs in commands/study.py), so they are GPU defaults.
 CPU_MODELS = ("wiener", "optimal", "nearest", "masked", "ls", "scfdm")
-# Models whose sensitivity fields are not computed unless asked for, and why.
-NO_FIELDS = {"nearest": "piecewise constant in x_t, so its Jacobian is zero almost everywhere"}
-SLOW_FIELDS_CPU = {m: "autograd through a patch model over the whole training set takes minutes per timestep "
-                      "on the CPU; ask for it with --field-models"
-                   for m in ("ls", "els", "els-boundary", "pspc")}
+
+
+def fields_skip_reason(caps: Capabilities, device: torch.device) -> str | None:
+    """Why a model's sensitivity fields are not computed by default (None: they are), from what it declares."""
+    if caps.piecewise_constant:
+        return "piecewise constant in x_t, so its Jacobian is zero almost everywhere"
+    if caps.slow_autograd and not caps.closed_form_jacobian and device.type != "cuda":
+        return ("autograd through it over the whole training set takes minutes per timestep on the CPU; "
+                "ask for it with --field-models")
+    return None
 
 
 class ReferenceUnavailable(ConfigError):
@@ -64,11 +80,11 @@ class StudyConfig:
     num: int = 8  # samples per model, all from the same initial noise
     steps: int = 10  # DDIM steps (10: timesteps 900, 800, ..., 0)
     seed: int = 0  # seed of the initial noise, the field draws and the held-out subset
-    sampler: str = "ddim"
+    sampler: Literal["ddim", "ddpm"] = "ddim"
     batch_size: int | None = None  # denoise this many samples at a time (None: all)
     subset: int | None = None  # fit the analytical models on a seeded subset of this many training images
     data_seed: int = 0  # seed of that subset
-    field_models: tuple[str, ...] | None = None  # None: every model except those in NO_FIELDS (and, on a CPU, SLOW_FIELDS_CPU)
+    field_models: tuple[str, ...] | None = None  # None: every model but those fields_skip_reason leaves out
     field_timesteps: tuple[int, ...] = (100, 500, 900)
     field_draws: int = 8  # noisy held-out images per field timestep
     field_pixels: str = "center"  # output pixels of the fields ("center", "all" or "r,c;r,c")
@@ -76,8 +92,6 @@ class StudyConfig:
     device: str = "auto"
 
     def validate(self) -> None:
-        from .denoisers import available_models
-
         known = set(available_models())
         if not self.models and not self.unet:
             raise ConfigError("nothing to study: no models and no U-Net")
@@ -120,19 +134,6 @@ def default_config(device: str | torch.device, quick: bool = False) -> StudyConf
     if quick:
         return QUICK
     return GPU if torch.device(device).type == "cuda" else StudyConfig()
-
-
-def field_plan(config: StudyConfig, device: torch.device) -> tuple[list[str], dict[str, str]]:
-    """Models whose fields are computed, and why each other studied model is skipped."""
-    studied = ([REFERENCE] if config.unet else []) + list(config.models)
-    if config.field_models is not None:
-        wanted = set(config.field_models)
-        return ([m for m in studied if m in wanted],
-                {m: "not in --field-models" for m in studied if m not in wanted})
-    skip = dict(NO_FIELDS)
-    if device.type != "cuda":
-        skip.update(SLOW_FIELDS_CPU)
-    return [m for m in studied if m not in skip], {m: skip[m] for m in studied if m in skip}
 
 
 @dataclass
@@ -279,8 +280,6 @@ def run_study(data, held_out, config: StudyConfig = StudyConfig(), *, options: d
     missing network fails before any long computation. Models are built, sampled, analysed and
     released one at a time, so memory holds one analytical model (and the U-Net) at once.
     """
-    from .denoisers import make_denoiser
-    from .denoisers.base import resolve_device
     from .denoisers.unet import shipped_weights_dir
     from .stats import data_spectrum, describe_spectrum
 
@@ -290,7 +289,7 @@ def run_study(data, held_out, config: StudyConfig = StudyConfig(), *, options: d
     unknown = sorted(set(options) - set(studied))
     if unknown:
         raise ConfigError(f"options given for {', '.join(unknown)}, which is not studied ({', '.join(studied)})")
-    device = resolve_device(config.device)
+    device = resolve_device(config.device)  # once: every model gets the resolved device
     timesteps = timesteps_for(config.steps, config.sampler)
     field_ts = tuple(int(t) for t in config.field_timesteps)
     pixels = parse_pixels(config.field_pixels, data.shape)
@@ -299,7 +298,8 @@ def run_study(data, held_out, config: StudyConfig = StudyConfig(), *, options: d
     fit_data = data
     if config.subset is not None and config.subset < len(data):
         fit_data = data.subset(config.subset, seed=config.data_seed)
-    fields_for, field_skipped = field_plan(config, device)
+    field_skipped: dict[str, str] = {}
+    spectrum = None  # the training set's statistics, computed after the U-Net is built (below)
     start_all = time.perf_counter()
     seconds: dict[str, float] = {}
 
@@ -311,9 +311,9 @@ def run_study(data, held_out, config: StudyConfig = StudyConfig(), *, options: d
         bar.refresh()
 
     def build(name: str):
-        opts = {"device": config.device, **options.get(name, {})}
-        if name != REFERENCE:
-            return make_denoiser(name, fit_data, **opts)
+        opts = {"device": str(device), **options.get(name, {})}
+        if name != REFERENCE:  # the statistics computed once below, not re-read from the cache by each model
+            return make_denoiser(name, fit_data, spectrum=spectrum, **opts)
         if not opts.get("path") and not (shipped_weights_dir(data.name) / "config.json").is_file():
             raise ReferenceUnavailable(f"no trained U-Net ships with localdiff for dataset '{data.name}', "
                                        "and no network directory was given")
@@ -327,13 +327,12 @@ def run_study(data, held_out, config: StudyConfig = StudyConfig(), *, options: d
     unet = build(REFERENCE) if config.unet else None
     unet_build = time.perf_counter() - t0
 
-    # statistics: mean, covariance and its spectrum (cached on disk; wiener and masked reuse the cache)
+    # statistics: mean, covariance and its spectrum (cached on disk), handed to the models that read them
     stage("statistics")
     t0 = time.perf_counter()
     spectrum = data_spectrum(fit_data, progress=progress)
     statistics = describe_spectrum(spectrum)
     eigvals = spectrum.eigvals.cpu().numpy().copy()
-    del spectrum
     seconds["statistics"] = time.perf_counter() - t0
     bar.update()
 
@@ -356,13 +355,17 @@ def run_study(data, held_out, config: StudyConfig = StudyConfig(), *, options: d
             run.own = own_trajectory_comparison(traj, runs[REFERENCE].trajectory)
             run.single, _ = single_step_comparison(traj, unet, batch_size=config.batch_size, progress=progress)
             sec["compare"] = time.perf_counter() - t0
-        if name in fields_for:
+        if config.field_models is not None:
+            skip = None if name in config.field_models else "not in --field-models"
+        else:
+            skip = fields_skip_reason(den.capabilities, device)
+        if skip is None:
             t0 = time.perf_counter()
             run.fields = sensitivity_fields(den, held_out, pixels, field_ts, config.field_draws, config.seed,
                                             progress=progress)
             sec["fields"] = time.perf_counter() - t0
         else:
-            run.fields_note = field_skipped.get(name)
+            run.fields_note = field_skipped[name] = skip
         t0 = time.perf_counter()
         run.nearest = nearest_training_distances(traj.samples, data, device=device, progress=progress)
         sec["nearest"] = time.perf_counter() - t0
@@ -381,6 +384,7 @@ def run_study(data, held_out, config: StudyConfig = StudyConfig(), *, options: d
     bar.update()
     bar.close()
     del unet
+    spectrum = None
     _release(device)
     seconds["total"] = time.perf_counter() - start_all
     return StudyResults(
@@ -390,5 +394,5 @@ def run_study(data, held_out, config: StudyConfig = StudyConfig(), *, options: d
         seconds=seconds)
 
 
-__all__ = ["ReferenceUnavailable", "StudyConfig", "StudyResults", "ModelRun", "QUICK", "GPU", "CPU_MODELS", "ANALYTICAL_MODELS",
-           "default_config", "field_plan", "run_study"]
+__all__ = ["ReferenceUnavailable", "StudyConfig", "StudyResults", "ModelRun", "QUICK", "GPU", "CPU_MODELS",
+           "ANALYTICAL_MODELS", "analytical_models", "default_config", "fields_skip_reason", "run_study"]

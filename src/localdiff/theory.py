@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .denoisers.linear import wiener_gain
+from .denoisers.wiener import wiener_gain
 from .diffusion import DEFAULT_SCHEDULE, Schedule
 from .stats import Spectrum
 

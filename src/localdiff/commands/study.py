@@ -83,13 +83,13 @@ def register(subparsers) -> None:
 
 def build_config(args, device):
     """The preset for this device (or --quick), with every option the user gave on top."""
-    from ..study import ANALYTICAL_MODELS, default_config
+    from ..study import analytical_models, default_config
 
     base = default_config(device, args.quick)
     given: dict = {}
     if args.models is not None:
         models = tuple(name_list(args.models, "--models"))
-        given["models"] = ANALYTICAL_MODELS if models == ("all",) else tuple(m for m in models if m != "unet")
+        given["models"] = analytical_models() if models == ("all",) else tuple(m for m in models if m != "unet")
         if "unet" in models and args.no_unet:
             raise ConfigError("--models names unet but --no-unet is given")
     for key in ("num", "steps", "seed", "sampler", "batch_size", "subset", "data_seed", "field_draws", "held_out"):
@@ -103,7 +103,7 @@ def build_config(args, device):
     if args.pixels is not None:
         given["field_pixels"] = args.pixels
     given["unet"] = not args.no_unet
-    given["device"] = args.device
+    given["device"] = str(device)  # resolved once, here
     config = dataclasses.replace(base, **given)
     config.validate()
     return config
@@ -205,7 +205,7 @@ def summary_line(results, out: Path, seconds: float) -> str:
 
 def run(args) -> int:
     from ..data import load_dataset
-    from ..denoisers.base import resolve_device
+    from ..device import resolve_device
     from ..study import REFERENCE, ReferenceUnavailable, run_study
 
     device = resolve_device(args.device)

@@ -4,16 +4,27 @@ from __future__ import annotations
 
 from ..diffusion import DEFAULT_SCHEDULE, Schedule
 from ..errors import ConfigError
-from .base import REGISTRY, Denoiser, parse_options, register
-from . import empirical, linear  # noqa: F401  (registers wiener, optimal, nearest)
-from . import trained_linear  # noqa: F401  (registers linear)
-from . import patches  # noqa: F401  (registers ls, els, els-boundary, pspc, scfdm)
-from . import unet  # noqa: F401  (registers unet; diffusers is imported on use)
-from . import local  # noqa: F401  (registers masked)
+from .base import REGISTRY, Capabilities, Denoiser, parse_options, register
+
+# The import order is the registration order, which the study follows for "every analytical model".
+from . import wiener  # noqa: F401,E402  (registers wiener)
+from . import empirical  # noqa: F401,E402  (registers optimal, nearest)
+from . import masked  # noqa: F401,E402  (registers masked)
+from . import local_score  # noqa: F401,E402  (registers ls, els, els-boundary)
+from . import pspc  # noqa: F401,E402  (registers pspc)
+from . import scfdm  # noqa: F401,E402  (registers scfdm)
+from . import linear  # noqa: F401,E402  (registers linear)
+from . import unet  # noqa: F401,E402  (registers unet; diffusers is imported on use)
 
 
-def make_denoiser(name: str, data=None, *, schedule: Schedule = DEFAULT_SCHEDULE, **options) -> Denoiser:
-    """Build the denoiser ``name`` fitted on ``data``; ``options`` are its Config fields (strings allowed)."""
+def make_denoiser(name: str, data=None, *, schedule: Schedule = DEFAULT_SCHEDULE, spectrum=None,
+                  **options) -> Denoiser:
+    """Build the denoiser ``name`` fitted on ``data``; ``options`` are its Config fields (strings allowed).
+
+    ``spectrum`` (a :class:`localdiff.stats.Spectrum` of ``data``, e.g. from ``data_spectrum``) hands the
+    data's statistics to the models that read them (``uses_statistics``: wiener, masked, linear) instead
+    of each one reading them from the cache; the other models ignore it.
+    """
     if name not in REGISTRY:
         raise ConfigError(f"unknown model '{name}'; available models: {', '.join(sorted(REGISTRY))}")
     if not isinstance(schedule, Schedule):
@@ -23,11 +34,20 @@ def make_denoiser(name: str, data=None, *, schedule: Schedule = DEFAULT_SCHEDULE
     config = parse_options(cls.Config, options, model=name)
     if data is None:
         raise ConfigError(f"model '{name}' needs a dataset: make_denoiser('{name}', load_dataset(...))")
-    return cls(data, config, schedule)
+    if spectrum is None or not cls.uses_statistics:
+        return cls(data, config, schedule)
+    fingerprint = getattr(data, "fingerprint", "")
+    if spectrum.fingerprint and fingerprint and spectrum.fingerprint != fingerprint:
+        raise ConfigError(f"model '{name}': the statistics given were computed on other data than the training set "
+                          f"({spectrum.fingerprint[:12]} vs {fingerprint[:12]})")
+    if spectrum.dim != data.dim:
+        raise ConfigError(f"model '{name}': statistics of {spectrum.dim} pixels for images of {data.dim}")
+    return cls(data, config, schedule, spectrum=spectrum)
 
 
 def available_models() -> list[str]:
+    """Every registered model name, sorted."""
     return sorted(REGISTRY)
 
 
-__all__ = ["Denoiser", "make_denoiser", "available_models", "register", "REGISTRY"]
+__all__ = ["Capabilities", "Denoiser", "make_denoiser", "available_models", "register", "REGISTRY"]

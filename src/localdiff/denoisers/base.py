@@ -1,40 +1,51 @@
-"""The one denoiser interface ``(x_t, t) -> x0_hat`` shared by every model, and its registry."""
+"""The one denoiser interface ``(x_t, t) -> x0_hat`` shared by every model, what each model declares
+about itself (:class:`Capabilities`), and the registry that builds models by name."""
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 
+from ..device import resolve_device
 from ..diffusion import DEFAULT_SCHEDULE, Schedule
 from ..errors import ConfigError
+from .options import check_config, parse_options
+from .training_set import ColumnBlocks, TrainingSet
 
 REGISTRY: dict[str, type["Denoiser"]] = {}
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/"auto" -> CUDA when available, else CPU; a CUDA request without a GPU is an error."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"unknown device '{device}': use cpu, cuda, cuda:N or auto") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was requested but this PyTorch has no usable GPU; use --device cpu")
-    return dev
-
-
 def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError(f"unknown dtype '{name}': choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a denoiser guarantees, declared by the model itself (checked for every registered model by
+    ``tests/test_contract.py``); callers read these instead of probing attributes or keeping name lists.
+
+    A class declares its defaults as ``capabilities = Capabilities(...)``; a model whose guarantees
+    depend on its options replaces them per instance in ``__init__`` (``dataclasses.replace``).
+    """
+
+    closed_form_jacobian: bool = False  # jacobian_rows(x_t, t, index) returns exact rows d x0_hat[index] / d x_t
+    constant_jacobian: bool = False  # the Jacobian does not depend on x_t (an affine map): one evaluation per t
+    fitted_timesteps: tuple[int, ...] | None = None  # the only timesteps it accepts (None: every t in [0, T))
+    batch_independent: bool = True  # each output depends on its own input only (batches may be split/replicated)
+    piecewise_constant: bool = False  # x0_hat is piecewise constant in x_t: the Jacobian is zero almost everywhere
+    slow_autograd: bool = False  # autograd through it over a full-size training set takes minutes per t on a CPU
+    trained: bool = False  # fitted by optimisation (a network, SGD), not computed in closed form from the data
+    single_image_exact: bool = False  # fitted on one image, it returns that image for every x_t and t
+
+    def accepts(self, t: int) -> bool:
+        return self.fitted_timesteps is None or int(t) in self.fitted_timesteps
 
 
 @dataclass
@@ -47,18 +58,22 @@ class DenoiserConfig:
 class Denoiser:
     """A map ``(x_t [B,C,H,W], t) -> x0_hat [B,C,H,W]``, the posterior-mean estimate of the clean image.
 
-    Subclasses implement :meth:`denoise` on a validated input (float tensor on ``self.device``, int t)
-    and declare their options as a ``Config`` dataclass; :func:`make_denoiser` builds them by name.
+    Subclasses implement :meth:`denoise` on a validated input (float tensor on ``self.device``, int t),
+    declare their options as a ``Config`` dataclass and their guarantees as ``capabilities``;
+    :func:`make_denoiser` builds them by name. A model that reads the data's statistics sets
+    ``uses_statistics`` and takes a precomputed ``spectrum=`` keyword.
     """
 
     name: ClassVar[str] = "denoiser"
     Config: ClassVar[type] = DenoiserConfig
+    capabilities: Capabilities = Capabilities()
+    uses_statistics: ClassVar[bool] = False
 
     def __init__(self, shape: tuple[int, int, int], config: Any, schedule: Schedule | None = None):
         self.shape = tuple(int(s) for s in shape)
-        self.config = config
+        self.config = check_config(config, model=self.name)
         self.schedule = schedule if schedule is not None else DEFAULT_SCHEDULE
-        self.device = resolve_device(getattr(config, "device", None))
+        self.device = resolve_device(getattr(self.config, "device", None))
 
     @property
     def dim(self) -> int:
@@ -81,6 +96,11 @@ class Denoiser:
     def denoise(self, x_t: torch.Tensor, t: int) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def jacobian_rows(self, x_t: torch.Tensor, t: int, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` [Q] of ``d x0_hat / d x_t`` at each input ``x_t`` [B, C, H, W]: [B, Q, n] float64.
+        Implemented by the models whose ``capabilities.closed_form_jacobian`` is true."""
+        raise ConfigError(f"model '{self.name}' has no closed-form Jacobian; use autograd")
+
     def settings(self) -> dict:
         """The options this denoiser was built with (for run records)."""
         out = dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else {}
@@ -99,108 +119,5 @@ def register(name: str):
     return deco
 
 
-def parse_options(config_cls: type, options: dict[str, Any], *, model: str) -> Any:
-    """Build ``config_cls`` from options, converting strings (from ``--opt key=value``) to field types."""
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    hints = typing.get_type_hints(config_cls)
-    unknown = sorted(set(options) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"model '{model}' has no option {', '.join(repr(u) for u in unknown)}; "
-            f"its options are: {', '.join(sorted(fields))}"
-        )
-    values = {}
-    for key, value in options.items():
-        try:
-            values[key] = _coerce(value, hints[key])
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"model '{model}': option {key}={value!r} is not a valid {_type_name(hints[key])}") from exc
-    return config_cls(**values)
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-            if type(None) in args:
-                return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg)
-            except (TypeError, ValueError) as exc:
-                errors.append(exc)
-        raise ValueError(f"{value!r} matches none of {args}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"not a boolean: {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise TypeError("bool is not an int")
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"not an integer: {value!r}")
-        return int(value)
-    if tp is float:
-        return float(value)
-    if tp is str:
-        return str(value)
-    return value
-
-
-class TrainingSet:
-    """The training images as flat rows ``[k, n]`` on the compute device, streamed chunk by chunk.
-
-    Resident by default when the float copy fits in ``max_resident_bytes`` (keeping the set on the
-    device is the first win on a GPU); otherwise each pass converts chunks from the compact source.
-    Squared norms ``||y_k||^2`` are computed once per chunk and reused.
-    """
-
-    def __init__(self, data, *, device: torch.device, dtype: torch.dtype, chunk: int = 4096,
-                 resident: bool | None = None, max_resident_bytes: int = 4 << 30):
-        if chunk < 1:
-            raise ConfigError(f"chunk must be a positive number of images, got {chunk}")
-        self.data, self.device, self.dtype, self.chunk = data, device, dtype, int(chunk)
-        bytes_needed = len(data) * data.dim * torch.finfo(dtype).bits // 8
-        self.resident = bytes_needed <= max_resident_bytes if resident is None else bool(resident)
-        self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        if self.resident:
-            self._cache = [(y, (y * y).sum(dim=1)) for y in self._convert()]
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def _convert(self) -> Iterator[torch.Tensor]:
-        return self.data.chunks(self.chunk, device=self.device, dtype=self.dtype, flat=True)
-
-    def __iter__(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """Yield ``(start, Y [k, n], ||Y||^2 [k])`` over the whole set."""
-        start = 0
-        if self._cache is not None:
-            for y, y_sq in self._cache:
-                yield start, y, y_sq
-                start += y.shape[0]
-        else:
-            for y in self._convert():
-                yield start, y, (y * y).sum(dim=1)
-                start += y.shape[0]
-
-    def rows(self, index: torch.Tensor) -> torch.Tensor:
-        """Training images ``[*index.shape, n]`` by index."""
-        flat = index.reshape(-1).cpu().numpy()
-        raw = self.data.raw[flat]
-        from ..data.dataset import _to_float
-
-        y = _to_float(raw, device=self.device, dtype=self.dtype).reshape(len(flat), -1)
-        return y.reshape(*index.shape, -1)
+__all__ = ["Capabilities", "Denoiser", "DenoiserConfig", "REGISTRY", "register", "resolve_device", "resolve_dtype",
+           "parse_options", "TrainingSet", "ColumnBlocks", "DTYPES"]

@@ -1,18 +1,21 @@
 """Denoisers built from the finite training set itself: the exact empirical optimum and nearest-dataset.
 
-Both use the same weights ``w_k ∝ exp(-||x_t - a y_k||^2 / (2 b2))`` (DESIGN.md §2.3). The
+Both use the same weights ``w_k ∝ exp(-||x_t - a y_k||^2 / (2 b2))`` (docs/DESIGN.md §2.3). The
 ``||x_t||^2`` term is constant over k and cancels, so the log-weights are computed by one matrix
 product per chunk: ``(a x_t·y_k - a^2 ||y_k||^2 / 2) / b2``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from ..errors import ConfigError
-from .base import Denoiser, DenoiserConfig, TrainingSet, register, resolve_dtype
+from .base import Capabilities, Denoiser, DenoiserConfig, TrainingSet, register, resolve_dtype
+from .softmax import SoftmaxState, merge
 
 
 def optimal_logits(x: torch.Tensor, y: torch.Tensor, y_sq: torch.Tensor, a: float, b2: float) -> torch.Tensor:
@@ -21,43 +24,9 @@ def optimal_logits(x: torch.Tensor, y: torch.Tensor, y_sq: torch.Tensor, a: floa
 
 
 @dataclass
-class SoftmaxState:
-    """Mergeable partial state of a max-shifted streamed softmax average ``sum_k w_k v_k``.
-
-    ``m`` is the running maximum logit, ``s = sum exp(l - m)`` and ``acc = sum exp(l - m) v``.
-    ``m`` and ``s`` have shape [B] (one softmax per query) or [B, n] (one per query and pixel).
-    """
-
-    m: torch.Tensor
-    s: torch.Tensor
-    acc: torch.Tensor
-
-    @staticmethod
-    def _b(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return v.unsqueeze(-1) if v.ndim < like.ndim else v
-
-    @classmethod
-    def of(cls, logits: torch.Tensor, values: torch.Tensor) -> "SoftmaxState":
-        """State of one chunk: ``logits`` [B, k] with ``values`` [k, n]."""
-        m = logits.max(dim=1).values
-        e = torch.exp(logits - m.unsqueeze(1))
-        return cls(m, e.sum(dim=1), e @ values)
-
-    def merge(self, other: "SoftmaxState") -> "SoftmaxState":
-        """Combine two partial states: rescale both to the common maximum and add."""
-        m = torch.maximum(self.m, other.m)
-        f1, f2 = torch.exp(self.m - m), torch.exp(other.m - m)
-        return SoftmaxState(m, self.s * f1 + other.s * f2,
-                            self.acc * self._b(f1, self.acc) + other.acc * self._b(f2, other.acc))
-
-    def mean(self) -> torch.Tensor:
-        return self.acc / self._b(self.s, self.acc)
-
-
-@dataclass
 class EmpiricalConfig(DenoiserConfig):
     chunk: int = 4096  # training images per streamed chunk (the result does not depend on it)
-    dtype: str = "float64"  # arithmetic of the distances; float64 keeps low-noise logits exact
+    dtype: Literal["float32", "float64"] = "float64"  # arithmetic of the distances (float64: exact low-noise logits)
     resident: bool | None = None  # keep the float training set on the device (default: if it fits)
 
 
@@ -71,9 +40,13 @@ class OptimalDenoiser(Denoiser):
     """The exact minimiser of the denoising loss on the training set: a softmax average of all images."""
 
     Config = OptimalConfig
+    capabilities = Capabilities(closed_form_jacobian=True, single_image_exact=True)
 
     def __init__(self, data, config: OptimalConfig, schedule=None):
         super().__init__(data.shape, config, schedule)
+        config = self.config
+        if config.top_k is not None:  # the approximation has no closed-form Jacobian
+            self.capabilities = dataclasses.replace(self.capabilities, closed_form_jacobian=False)
         if config.top_k is not None and config.top_k < 1:
             raise ConfigError(f"top_k must be a positive integer or None, got {config.top_k}")
         self.dtype = resolve_dtype(config.dtype)
@@ -87,13 +60,8 @@ class OptimalDenoiser(Denoiser):
             return self._top_k(x, a, b2).reshape(x_t.shape)
         state = None
         for _, y, y_sq in self.train_set:
-            part = SoftmaxState.of(optimal_logits(x, y, y_sq, a, b2), y)
-            state = part if state is None else state.merge(part)
+            state = merge(state, SoftmaxState.of(optimal_logits(x, y, y_sq, a, b2), y))
         return state.mean().reshape(x_t.shape)
-
-    @property
-    def has_closed_form_jacobian(self) -> bool:
-        return self.config.top_k is None
 
     def jacobian_rows(self, x_t: torch.Tensor, t: int, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` [Q] of ``d x0_hat / d x_t`` at each input, [B, Q, n].
@@ -102,30 +70,17 @@ class OptimalDenoiser(Denoiser):
         ``(a / b2) (sum_k w_k y_k[i] y_k - x0_hat[i] x0_hat)`` (the posterior covariance of the
         empirical distribution), streamed over the training set like the denoiser itself.
         """
+        if self.config.top_k is not None:
+            raise ConfigError("optimal: the closed-form Jacobian is the exact model's; top_k needs autograd")
         t = self.schedule.check_t(t)
         a, b2 = self.schedule.a(t), self.schedule.b2(t)
         x = x_t.reshape(x_t.shape[0], -1).to(device=self.device, dtype=self.dtype)
         index = torch.as_tensor(index, device=self.device).reshape(-1)
-        m = s = acc0 = acc1 = None
+        state = None
         for _, y, y_sq in self.train_set:
-            logits = optimal_logits(x, y, y_sq, a, b2)  # [B, k]
-            cm = logits.max(dim=1).values
-            if m is None:
-                m = cm
-                s = torch.zeros_like(cm)
-                acc0 = torch.zeros(x.shape[0], y.shape[1], dtype=x.dtype, device=x.device)
-                acc1 = torch.zeros(x.shape[0], index.numel(), y.shape[1], dtype=x.dtype, device=x.device)
-            new_m = torch.maximum(m, cm)
-            f = torch.exp(m - new_m)
-            e = torch.exp(logits - new_m.unsqueeze(1))  # [B, k]
-            s = s * f + e.sum(1)
-            acc0 = acc0 * f[:, None] + e @ y
-            weighted = e.unsqueeze(2) * y[:, index].unsqueeze(0)  # [B, k, Q]
-            acc1 = acc1 * f[:, None, None] + weighted.transpose(1, 2) @ y  # [B, Q, n]
-            m = new_m
-        mean = acc0 / s[:, None]  # x0_hat [B, n]
-        second = acc1 / s[:, None, None]  # E_w[y_i y] [B, Q, n]
-        return (a / b2) * (second - mean[:, index].unsqueeze(2) * mean.unsqueeze(1))
+            logits = optimal_logits(x, y, y_sq, a, b2).unsqueeze(1)  # [B, 1, k]: one softmax per query
+            state = merge(state, SoftmaxState.moments(logits, y, index))
+        return (a / b2) * state.covariance_rows(index)  # [B, Q, n]
 
     def _top_k(self, x: torch.Tensor, a: float, b2: float) -> torch.Tensor:
         vals = idx = None
@@ -146,9 +101,11 @@ class NearestDenoiser(Denoiser):
     """The training image with the largest optimal-denoiser weight (nearest to x_t / a)."""
 
     Config = EmpiricalConfig
+    capabilities = Capabilities(piecewise_constant=True, single_image_exact=True)
 
     def __init__(self, data, config: EmpiricalConfig, schedule=None):
         super().__init__(data.shape, config, schedule)
+        config = self.config
         self.dtype = resolve_dtype(config.dtype)
         self.train_set = TrainingSet(data, device=self.device, dtype=self.dtype, chunk=config.chunk,
                                      resident=config.resident)

@@ -18,7 +18,7 @@ import torch
 
 from ..diffusion import Schedule
 from ..errors import ConfigError
-from .base import Denoiser, DenoiserConfig, register
+from .base import Capabilities, Denoiser, DenoiserConfig, register
 
 UNET_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
                "bfloat16": torch.bfloat16}
@@ -188,6 +188,7 @@ class UNetDenoiser(Denoiser):
     """
 
     Config = UNetDenoiserConfig
+    capabilities = Capabilities(trained=True)
 
     def __init__(self, data, config: UNetDenoiserConfig, schedule=None):
         super().__init__(data.shape, config, schedule)

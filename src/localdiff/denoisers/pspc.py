@@ -1,0 +1,68 @@
+"""Niedoba, Zwartsenberg, Murphy & Wood 2024, "Towards a mechanistic explanation of diffusion model
+generalization" (arXiv 2411.19339): the PSPC-Square denoiser ``pspc`` (docs/DESIGN.md §2.6), exact and
+streamed over the training set. Every P x P patch is denoised by the posterior mean of that patch under
+the training patches at the same place, and each pixel averages the estimates of all patches that cover it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .base import Capabilities, register
+from .patches import PatchConfig, PatchDenoiser, _blocks, valid_box_sum
+from .softmax import SoftmaxState, merge, shifted_exp
+
+
+@dataclass
+class PSPCConfig(PatchConfig):
+    pass
+
+
+@register("pspc")
+class PSPCDenoiser(PatchDenoiser):
+    """Niedoba et al.'s PSPC-Square: for every placement p of a P x P patch that fits in the image,
+    the patch posterior mean ``E[Pi_p y | Pi_p x_t] = sum_k w_{k,p} Pi_p y_k``,
+    ``w_{k,p} ∝ exp(-||Pi_p x_t - a Pi_p y_k||^2 / (2 b2))``, over the training patches at the same
+    place p (as in the authors' code); each pixel is the plain average of the estimates of all
+    patches that cover it. Patches never cross the border; a side larger than the image is cut to
+    the image, so ``patch_size >= max(H, W)`` is the exact ``optimal`` denoiser. Any P >= 1 (even too).
+    """
+
+    Config = PSPCConfig
+    capabilities = Capabilities(slow_autograd=True, single_image_exact=True)
+    odd_only = False
+
+    def max_patch_size(self) -> int:
+        return max(self.shape[1:])
+
+    def default_sizes(self) -> list[int]:
+        L = self.max_patch_size()
+        return sorted(set(range(1, L + 1, 2)) | {L})
+
+    def _denoise(self, x, a, b2, size):
+        B, (C, H, W) = x.shape[0], self.shape
+        ph, pw = min(size, H), min(size, W)
+        nh, nw = H - ph + 1, W - pw + 1
+        D = C * ph * pw
+        state = None
+        for y in self._images():
+            for yb in _blocks(y, B * (C + 1) * H * W + nh * nw * D, self.config.block):
+                xy = (x.unsqueeze(1) * yb.unsqueeze(0)).sum(2)  # [B, k, H, W]
+                yy = (yb * yb).sum(1)  # [k, H, W]
+                logits = (a * valid_box_sum(xy, ph, pw) - (0.5 * a * a) * valid_box_sum(yy, ph, pw)) / b2
+                logits = logits.flatten(2)  # [B, k, Np]
+                m = logits.detach().amax(1)  # [B, Np]
+                e = shifted_exp(logits, m.unsqueeze(1))
+                patches = F.unfold(yb, (ph, pw))  # [k, D, Np]
+                acc = torch.einsum("bkp,kdp->bpd", e, patches)  # [B, Np, D]
+                state = merge(state, SoftmaxState(m, e.sum(1), acc))
+        est = state.mean().transpose(1, 2)  # [B, D, Np]: each placement's patch posterior mean
+        total = F.fold(est, (H, W), (ph, pw))
+        count = F.fold(torch.ones_like(est[:1]), (H, W), (ph, pw))
+        return total / count
+
+
+__all__ = ["PSPCConfig", "PSPCDenoiser"]

@@ -1,0 +1,66 @@
+"""The documentation runs and points at what exists: the README's Python snippet executes as written,
+every ``docs/DESIGN.md §N`` citation names a section of docs/DESIGN.md, the example reproduces the
+final-R² table (on a subset), and no source file outgrows one sitting (STYLE.md principle 10)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_python_snippet_runs_as_written(tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    snippets = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert snippets, "the README has no Python snippet"
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(snippets[0], "README.md", "exec"), scope)  # noqa: S102 - our own documentation
+    data, den = scope["data"], scope["den"]
+    assert scope["x0_hat"].shape == scope["x_t"].shape == (4, *data.shape)
+    out = scope["out"]
+    assert out.samples.shape == (4, 1, 28, 28) and torch.isfinite(out.samples).all()
+    assert out.timesteps == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0] and out.xt.shape == (10, 4, 1, 28, 28)
+    assert den.name == "masked" and den.tau == 0.005
+
+
+def test_design_citations_name_existing_sections():
+    design = (ROOT / "docs" / "DESIGN.md").read_text()
+    sections = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", design, flags=re.M))
+    cited = {}
+    for path in [*ROOT.glob("src/**/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("benchmarks/*.py")]:
+        for ref in re.findall(r"DESIGN\.md (§[\d.]+(?:, §[\d.]+)*)", path.read_text()):
+            for sec in re.findall(r"§(\d+(?:\.\d+)?)", ref):
+                cited.setdefault(sec, []).append(path.name)
+    assert len(cited) >= 8
+    missing = {sec: files for sec, files in cited.items() if sec not in sections}
+    assert not missing, f"citations of sections docs/DESIGN.md does not have: {missing}"
+
+
+# Being changed on another branch at the time of writing (the data readers, the U-Net trainer), to be split
+# there; every other file must stay within one sitting.
+KNOWN_LONG = {"src/localdiff/data/formats.py", "src/localdiff/unet/training.py"}
+
+
+def test_no_source_file_over_500_lines():
+    long = {str(p.relative_to(ROOT)): n for p in ROOT.glob("src/**/*.py")
+            if (n := len(p.read_text().splitlines())) > 500}
+    assert set(long) <= KNOWN_LONG, {f: n for f, n in long.items() if f not in KNOWN_LONG}
+
+
+def test_example_reproduces_the_table_on_a_subset(tmp_path):
+    script = ROOT / "examples" / "reproduce_table.py"
+    assert len(script.read_text().splitlines()) <= 60
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, str(script), "--subset", "5000", "--num", "2"], capture_output=True,
+                       text=True, timeout=600, cwd=tmp_path, env=env, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {m.group(1): float(m.group(2))
+            for m in re.finditer(r"^(wiener|optimal|masked)\s+(-?[\d.]+)", r.stdout, re.M)}
+    assert set(rows) == {"wiener", "optimal", "masked"}, r.stdout
+    # the paper's finding: the local models explain most of the network's samples, the memorising one does not
+    assert rows["masked"] > 0.4 and rows["wiener"] > 0.4 and rows["masked"] > rows["optimal"] + 0.2

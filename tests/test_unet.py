@@ -507,7 +507,7 @@ def test_train_unet_minutes_budget(tmp_path):
 # -- damaged checkpoints, killed runs ------------------------------------------------------------------
 
 def test_every_checkpoint_file_is_checksummed_and_damage_names_the_last_good_one(tmp_path):
-    from localdiff.unet.training import CHECKPOINT_FILES, CheckpointError
+    from localdiff.unet.checkpoints import CHECKPOINT_FILES, CheckpointError
 
     data = tiny_data()
     tr = UNetTrainer(data, TINY, tiny_recipe())

@@ -24,4 +24,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-__all__ = ["resolve_device"]
+def device_name(device: torch.device) -> str:
+    """``cpu`` or the GPU's name (``cuda: NVIDIA H200``), for run records."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+__all__ = ["resolve_device", "device_name"]

@@ -185,3 +185,9 @@ def build_unet(cfg: UNetConfig, shape: tuple[int, int, int]):
         attention_head_dim=cfg.attention_head_dim,
         norm_num_groups=cfg.norm_num_groups,
     )
+
+
+def schedule_record(schedule, prediction: str = "epsilon") -> dict:
+    """The noise schedule and parametrisation as stored in checkpoints and manifests (diffusers
+    scheduler keywords; ``prediction_type`` is ``epsilon`` or ``v_prediction``)."""
+    return {**schedule.scheduler_kwargs(), "prediction_type": PREDICTIONS[prediction]}

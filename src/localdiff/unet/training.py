@@ -7,44 +7,22 @@ run's total number of steps so that it ends inside the budget, and fits the lear
 (warm-up, then cosine decay to zero) to that total. The plan is state like any other: it is saved in
 every checkpoint, so a resumed budget run continues the same schedule.
 
-Everything that makes a run reproducible is explicit state, saved in every checkpoint:
-the weights, AdamW's state, the EMA weights, the data order ``(seed, epoch, position)``, the states of
-the two ``torch.Generator`` s that draw timesteps, noise, flips and dropout seeds, and the step. A run
-resumed from a checkpoint therefore continues exactly as the uninterrupted run would have.
-
-Checkpoint layout (no pickle anywhere; tensors in safetensors, everything else in JSON)::
-
-    <root>/step-0001000/
-        model.safetensors       network weights (float32)
-        ema.safetensors         EMA of the weights (float32)
-        optimizer.safetensors   AdamW tensors, keys "state.<param index>.<name>"
-        rng.safetensors         generator states: "device" (timesteps, noise, flips), "cpu" (dropout seeds)
-        state.json              step, data order, loss statistics, configs, optimizer scalars, history
-        checksums.json          sha256 of every byte of the five files above
-
-A checkpoint directory is written as ``.step-XXXXXXX.pid<PID>.<random>.partial`` and renamed when
-complete; older ones are removed only afterwards. Loading verifies every checksum first: a corrupt or
-truncated checkpoint is an error that names the file and the newest checkpoint that still verifies.
-Partial directories of processes that no longer run (a kill during a write) are removed by the next
-checkpoint written to the same folder.
+Everything that makes a run reproducible is explicit state, saved in every checkpoint
+(:mod:`.checkpoints`): the weights, AdamW's state, the EMA weights, the data order ``(seed, epoch,
+position)``, the states of the two ``torch.Generator`` s that draw timesteps, noise, flips and dropout
+seeds, and the step. A run resumed from a checkpoint therefore continues exactly as the uninterrupted
+run would have.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import logging
 import math
 import os
-import re
-import shutil
 import signal
-import tempfile
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -53,15 +31,23 @@ import torch.nn.functional as F
 
 from ..diffusion import DEFAULT_SCHEDULE, Schedule
 from ..errors import ConfigError, LocaldiffError
-from .configs import PREDICTIONS, TrainConfig, UNetConfig, build_unet
+from .checkpoints import (CheckpointError, find_checkpoint, join_optimizer_state, list_checkpoints, load_tensors,
+                          read_checkpoint, remove_stale_partials, sha256_file, split_optimizer_state,
+                          verify_checkpoint, write_checkpoint)
+from ..device import device_name
+from .configs import TrainConfig, UNetConfig, build_unet, schedule_record
+from .recipe import DataOrder, ema_decay_at, lr_at, mix_seed, warmup_for
 
-CHECKPOINT_FORMAT = "localdiff-unet-checkpoint/1"
 MANIFEST_FORMAT = "localdiff-unet/1"
 MANIFEST_NAME = "localdiff_unet.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 LOSS_EMA_DECAY = 0.99  # smoothing of the reported loss
 LOG_EVERY = 50  # steps per entry of the loss history (and per device sync on CUDA)
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+__all__ = ["UNetTrainer", "TrainingInterrupted", "DataOrder", "CheckpointError", "find_checkpoint",
+           "list_checkpoints", "verify_checkpoint", "remove_stale_partials", "sha256_file", "lr_at", "warmup_for",
+           "split_optimizer_state", "join_optimizer_state", "schedule_record", "device_name", "MANIFEST_NAME",
+           "WEIGHTS_NAME"]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -70,293 +56,6 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, step: int, checkpoint: Path | None, signame: str):
         super().__init__(f"training interrupted by {signame} at step {step}")
         self.step, self.checkpoint, self.signame = step, checkpoint, signame
-
-
-def _mix(*ints: int) -> int:
-    """A 63-bit seed derived from integers (stable across runs and platforms)."""
-    h = hashlib.sha256(",".join(str(int(i)) for i in ints).encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
-
-
-@dataclass
-class DataOrder:
-    """Epoch-wise random permutations of ``num`` images; the full state is ``(seed, epoch, position)``."""
-
-    num: int
-    seed: int
-    epoch: int = 0
-    position: int = 0
-    _perm: torch.Tensor | None = field(default=None, repr=False, compare=False)
-    _perm_epoch: int = field(default=-1, repr=False, compare=False)
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        """The image order of ``epoch`` [num] (a pure function of seed and epoch)."""
-        if self._perm_epoch != epoch:
-            gen = torch.Generator().manual_seed(_mix(self.seed, epoch))
-            self._perm, self._perm_epoch = torch.randperm(self.num, generator=gen), epoch
-        return self._perm  # type: ignore[return-value]
-
-    def take(self, batch: int) -> torch.Tensor:
-        """The next ``batch`` indices [batch] (CPU int64); a batch may run across an epoch boundary."""
-        parts, need = [], batch
-        while need:
-            k = min(need, self.num - self.position)
-            parts.append(self.permutation(self.epoch)[self.position:self.position + k])
-            self.position += k
-            need -= k
-            if self.position == self.num:
-                self.epoch, self.position = self.epoch + 1, 0
-        return torch.cat(parts)
-
-    @property
-    def epochs(self) -> float:
-        return self.epoch + self.position / self.num
-
-    def state(self) -> dict:
-        return {"num": self.num, "seed": self.seed, "epoch": self.epoch, "position": self.position}
-
-
-def lr_at(step: int, cfg: TrainConfig, total: int | None = None, warmup: int | None = None) -> float:
-    """Learning rate of (0-based) ``step``: linear warm-up over ``warmup`` steps (default ``cfg.warmup``),
-    times ``(1 + cos(pi step / total)) / 2`` for ``lr_decay="cosine"`` once the run's ``total`` is known
-    (SGDR, Loshchilov & Hutter 2017, without restarts)."""
-    warmup = cfg.warmup if warmup is None else warmup
-    ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-    if cfg.lr_decay == "constant" or total is None:
-        return cfg.lr * ramp
-    return cfg.lr * ramp * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
-
-
-def warmup_for(cfg: TrainConfig, total: int) -> int:
-    """Warm-up steps of a run of ``total`` steps: ``cfg.warmup``, at most a tenth of a cosine run."""
-    return cfg.warmup if cfg.lr_decay == "constant" else min(cfg.warmup, max(1, total // 10))
-
-
-def ema_decay_at(step: int, decay: float) -> float:
-    """EMA decay after ``step`` updates: ``min(decay, (1 + step) / (10 + step))`` (diffusers' EMAModel)."""
-    return min(decay, (1 + step) / (10 + step))
-
-
-# -- optimizer state without pickle ---------------------------------------------------------------
-
-def _encode_json(v):
-    if isinstance(v, tuple):
-        return {"__tuple__": [_encode_json(x) for x in v]}
-    if isinstance(v, list):
-        return [_encode_json(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _encode_json(x) for k, x in v.items()}
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    raise ConfigError(f"optimizer state holds a value of type {type(v).__name__} that cannot be stored as JSON")
-
-
-def _decode_json(v):
-    if isinstance(v, dict):
-        if set(v) == {"__tuple__"}:
-            return tuple(_decode_json(x) for x in v["__tuple__"])
-        return {k: _decode_json(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_decode_json(x) for x in v]
-    return v
-
-
-def split_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """``optimizer.state_dict()`` -> (tensors for safetensors, JSON-able rest); see :func:`join_optimizer_state`."""
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict] = {}
-    for idx, st in sd["state"].items():
-        for name, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"state.{idx}.{name}"] = v.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(idx), {})[name] = _encode_json(v)
-    return tensors, {"param_groups": _encode_json(sd["param_groups"]), "state_scalars": scalars}
-
-
-def join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = v
-    for idx, st in rest.get("state_scalars", {}).items():
-        state.setdefault(int(idx), {}).update(_decode_json(st))
-    return {"state": state, "param_groups": _decode_json(rest["param_groups"])}
-
-
-# -- files -----------------------------------------------------------------------------------------
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _readable(path: Path, mode: int = 0o666) -> None:
-    """Give ``path`` the permissions of a normally created file (safetensors and mkdtemp use 0600/0700)."""
-    os.chmod(path, mode & ~_umask())
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform can open directories
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
-    _readable(path)
-    _fsync_file(path)
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise ConfigError(f"checkpoint file {path} is missing: an incomplete or foreign checkpoint")
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as exc:  # safetensors raises its own SafetensorError and OSError on damaged files
-        raise CheckpointError(f"checkpoint file {path} cannot be read ({exc}); it is truncated or corrupt") from exc
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-    _fsync_file(path)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-CHECKSUMS_NAME = "checksums.json"
-CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that is truncated, modified or unreadable."""
-
-
-def _write_checksums(ckpt: Path) -> None:
-    """Record the sha256 of every checkpoint file (written last: the checkpoint is whole once it exists)."""
-    _write_json(ckpt / CHECKSUMS_NAME, {"format": "sha256/1",
-                                        "files": {n: sha256_file(ckpt / n) for n in CHECKPOINT_FILES}})
-
-
-def verify_checkpoint(ckpt: str | os.PathLike) -> None:
-    """:class:`CheckpointError` unless every file of ``ckpt`` matches its recorded sha256, naming the first
-    bad file and the newest other checkpoint beside it that verifies. Checkpoints from before checksums
-    were written are accepted with a warning."""
-    ckpt = Path(ckpt)
-    problem = _checksum_problem(ckpt)
-    if problem is None:
-        return
-    if problem == "unverified":
-        warnings.warn(f"checkpoint {ckpt} predates checksums ({CHECKSUMS_NAME}); it is loaded unverified",
-                      RuntimeWarning)
-        return
-    good = next((c for c in reversed(list_checkpoints(ckpt.parent)) if c != ckpt and _checksum_problem(c) is None),
-                None)
-    hint = (f"the last good checkpoint is {good}: resume from it with --resume {good}" if good is not None else
-            "no other checkpoint beside it verifies; start the run again")
-    raise CheckpointError(f"checkpoint {ckpt} is corrupt: {problem}; {hint}")
-
-
-def _checksum_problem(ckpt: Path) -> str | None:
-    """None when ``ckpt`` verifies, "unverified" without a checksum file, else what is wrong."""
-    sums = ckpt / CHECKSUMS_NAME
-    if not sums.is_file():
-        return "unverified"
-    try:
-        record = json.loads(sums.read_text())
-        files = record["files"]
-        assert record["format"] == "sha256/1" and set(files) == set(CHECKPOINT_FILES)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
-        return f"{sums} is damaged"
-    for name in CHECKPOINT_FILES:
-        if not (ckpt / name).is_file():
-            return f"{ckpt / name} is missing"
-        if sha256_file(ckpt / name) != files[name]:
-            return f"{ckpt / name} does not match its sha256 (truncated or modified)"
-    return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def remove_stale_partials(root: str | os.PathLike) -> list[Path]:
-    """Remove ``.step-*.partial`` / ``.export.*.partial`` / ``.step-*.stale`` directories in ``root`` left by
-    processes that no longer run (their PID is in the name; names without one are from before PIDs were
-    recorded, and are removed too). Returns what was removed."""
-    root = Path(root)
-    removed = []
-    if not root.is_dir():
-        return removed
-    for p in root.iterdir():
-        if not (p.name.startswith(".") and p.name.endswith((".partial", ".stale")) and p.is_dir()):
-            continue
-        m = re.search(r"\.pid(\d+)\.", p.name)
-        if m and int(m.group(1)) != os.getpid() and _pid_alive(int(m.group(1))):
-            continue
-        if m and int(m.group(1)) == os.getpid():
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
-    return removed
-
-
-def list_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints under ``root`` (``step-N`` directories holding state.json), oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and (p / "state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
-
-
-def find_checkpoint(path: str | os.PathLike) -> Path:
-    """Resolve ``path`` to one checkpoint: a checkpoint itself, a directory of them (newest), or a run
-    directory with a ``checkpoints/`` folder (newest)."""
-    p = Path(path)
-    if (p / "state.json").is_file():
-        return p
-    for root in (p / "checkpoints", p):
-        ckpts = list_checkpoints(root)
-        if ckpts:
-            return ckpts[-1]
-    if not p.exists():
-        raise ConfigError(f"--resume: {p} does not exist")
-    raise ConfigError(f"--resume: no complete checkpoint in {p}; expected a train-unet run directory (with "
-                      "checkpoints/step-N/), a checkpoints folder, or one step-N checkpoint directory. A run killed "
-                      "before its first checkpoint has nothing to resume: run the same command without --resume")
 
 
 # -- the trainer -----------------------------------------------------------------------------------
@@ -396,7 +95,7 @@ class UNetTrainer:
 
     def __init__(self, data, model_config: UNetConfig, train_config: TrainConfig | None = None,
                  schedule: Schedule = DEFAULT_SCHEDULE):
-        from ..denoisers.base import resolve_device
+        from ..device import resolve_device
 
         cfg = train_config if train_config is not None else TrainConfig()
         cfg.validate()
@@ -409,7 +108,7 @@ class UNetTrainer:
 
         # Initial weights from the seed, without touching (or depending on) the global RNG.
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(_mix(cfg.seed, 0))
+            torch.default_generator.manual_seed(mix_seed(cfg.seed, 0))
             model = build_unet(model_config, data.shape)
         self.model = model.to(self.device)
         if self.channels_last:
@@ -423,8 +122,8 @@ class UNetTrainer:
 
         self.images = torch.from_numpy(data.raw).to(self.device)  # [N, C, H, W] uint8 or float32, resident
         self.order = DataOrder(len(data), seed=cfg.seed)
-        self.gen = torch.Generator(device=self.device).manual_seed(_mix(cfg.seed, 1))  # t, noise, flips
-        self.cpu_gen = torch.Generator().manual_seed(_mix(cfg.seed, 2))  # dropout seeds
+        self.gen = torch.Generator(device=self.device).manual_seed(mix_seed(cfg.seed, 1))  # t, noise, flips
+        self.cpu_gen = torch.Generator().manual_seed(mix_seed(cfg.seed, 2))  # dropout seeds
         self.sqrt_ab = schedule.alpha_bar.sqrt().to(self.device, torch.float32)  # [T] a_t
         self.sqrt_1m_ab = (1.0 - schedule.alpha_bar).sqrt().to(self.device, torch.float32)  # [T] sqrt(b2_t)
 
@@ -692,54 +391,27 @@ class UNetTrainer:
     def save_checkpoint(self, root: str | os.PathLike, *, keep: int = 1) -> Path:
         """Write the complete training state to ``root/step-N`` atomically; keep the newest ``keep``."""
         self._flush_losses()
-        root = Path(root)
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / _step_name(self.step)
-        remove_stale_partials(root)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.pid{os.getpid()}.", suffix=".partial", dir=root))
-        try:
-            names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-            _save_tensors(self.model.state_dict(), tmp / "model.safetensors")
-            _save_tensors(dict(zip(names, self.ema)), tmp / "ema.safetensors")
-            opt_tensors, opt_rest = split_optimizer_state(self.optimizer.state_dict())
-            _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
-            _save_tensors({"device": self.gen.get_state(), "cpu": self.cpu_gen.get_state()}, tmp / "rng.safetensors")
-            _write_json(tmp / "state.json", {
-                "format": CHECKPOINT_FORMAT,
-                "step": self.step,
-                "data_order": self.order.state(),
-                "device_type": self.device.type,
-                "loss_ema": self.loss_ema,
-                "loss_block": self._block,
-                "loss_log": self.loss_log,
-                "history": self.history,
-                "model_config": self.model_config.to_dict(),
-                "train_config": self.config.to_dict(),
-                "schedule": schedule_record(self.schedule, self.config.prediction),
-                "lr_schedule": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps},
-                "plan": self.plan,
-                "data": {"name": self.data.name, "fingerprint": self.data.fingerprint, "num": len(self.data),
-                         "shape": list(self.data.shape)},
-                "optimizer": opt_rest,
-            })
-            _write_checksums(tmp)
-            _fsync_dir(tmp)
-            _readable(tmp, 0o777)
-            stale = None
-            if final.exists():  # a checkpoint of this very step: move it aside, remove it once replaced
-                stale = root / f".{final.name}.pid{os.getpid()}.stale"
-                shutil.rmtree(stale, ignore_errors=True)
-                os.replace(final, stale)
-            os.replace(tmp, final)
-            _fsync_dir(root)
-            if stale is not None:
-                shutil.rmtree(stale, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        opt_tensors, opt_rest = split_optimizer_state(self.optimizer.state_dict())
+        tensors = {"model": self.model.state_dict(), "ema": dict(zip(names, self.ema)), "optimizer": opt_tensors,
+                   "rng": {"device": self.gen.get_state(), "cpu": self.cpu_gen.get_state()}}
+        final = write_checkpoint(root, self.step, tensors, {
+            "data_order": self.order.state(),
+            "device_type": self.device.type,
+            "loss_ema": self.loss_ema,
+            "loss_block": self._block,
+            "loss_log": self.loss_log,
+            "history": self.history,
+            "model_config": self.model_config.to_dict(),
+            "train_config": self.config.to_dict(),
+            "schedule": schedule_record(self.schedule, self.config.prediction),
+            "lr_schedule": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps},
+            "plan": self.plan,
+            "data": {"name": self.data.name, "fingerprint": self.data.fingerprint, "num": len(self.data),
+                     "shape": list(self.data.shape)},
+            "optimizer": opt_rest,
+        }, keep=keep)
         self._saved_step = self.step
-        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
         return final
 
     @classmethod
@@ -750,15 +422,7 @@ class UNetTrainer:
 
         Only the runtime choices (device, amp, channels_last, compile) may change on resume.
         """
-        ckpt = find_checkpoint(path)
-        verify_checkpoint(ckpt)
-        try:
-            state = json.loads((ckpt / "state.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{ckpt / 'state.json'} is not readable JSON ({exc}); the checkpoint is corrupt") \
-                from exc
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ConfigError(f"{ckpt} is not a {CHECKPOINT_FORMAT} checkpoint (format {state.get('format')!r})")
+        ckpt, state = read_checkpoint(path)
         want = state["data"]
         if data.fingerprint != want["fingerprint"]:
             raise ConfigError(
@@ -779,33 +443,33 @@ class UNetTrainer:
         return trainer
 
     def _load_state(self, ckpt: Path, state: dict) -> None:
-        weights = _load_tensors(ckpt / "model.safetensors")
+        weights = load_tensors(ckpt / "model.safetensors")
         missing, unexpected = self.model.load_state_dict(weights, strict=False)
         if missing or unexpected:
             raise ConfigError(f"checkpoint {ckpt} does not match the model: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
-        ema = _load_tensors(ckpt / "ema.safetensors")
+        ema = load_tensors(ckpt / "ema.safetensors")
         names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         if sorted(ema) != sorted(names):
             raise ConfigError(f"checkpoint {ckpt}: EMA weights do not match the model's parameters")
         with torch.no_grad():
             for e, n in zip(self.ema, names):
                 e.copy_(ema[n])
-        sd = join_optimizer_state(_load_tensors(ckpt / "optimizer.safetensors"), state["optimizer"])
+        sd = join_optimizer_state(load_tensors(ckpt / "optimizer.safetensors"), state["optimizer"])
         self.optimizer.load_state_dict(sd)
         for p in self.params:  # keep the optimizer state in the parameters' memory format
             st = self.optimizer.state.get(p, {})
             for k, v in st.items():
                 if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
                     st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
-        rng = _load_tensors(ckpt / "rng.safetensors")
+        rng = load_tensors(ckpt / "rng.safetensors")
         self.cpu_gen.set_state(rng["cpu"])
         if state["device_type"] == self.device.type:
             self.gen.set_state(rng["device"])
         else:
             warnings.warn(f"resuming a {state['device_type']} run on {self.device.type}: timesteps and noise now come "
                           "from a fresh stream, so the result will differ from an uninterrupted run", RuntimeWarning)
-            self.gen.manual_seed(_mix(self.config.seed, 1, state["step"]))
+            self.gen.manual_seed(mix_seed(self.config.seed, 1, state["step"]))
         order = state["data_order"]
         self.order = DataOrder(order["num"], order["seed"], order["epoch"], order["position"])
         self.step = int(state["step"])
@@ -822,88 +486,13 @@ class UNetTrainer:
     # -- export ---------------------------------------------------------------------------------
     def ema_model(self, dtype: torch.dtype = torch.float32):
         """A fresh ``UNet2DModel`` (CPU, eval mode) holding the EMA weights."""
-        model = build_unet(self.model_config, self.data.shape)
-        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        sd = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        sd.update({n: e.detach().cpu() for n, e in zip(names, self.ema)})
-        model.load_state_dict({k: v.contiguous() for k, v in sd.items()})
-        if dtype != torch.float32:
-            # diffusers warns about casting with .to(); every module of a UNet2DModel is safe in half precision
-            log = logging.getLogger("diffusers.models.modeling_utils")
-            level = log.level
-            log.setLevel(logging.ERROR)
-            try:
-                model = model.to(dtype)
-            finally:
-                log.setLevel(level)
-        return model.eval()
+        from .export import ema_model
+
+        return ema_model(self, dtype)
 
     def export(self, out: str | os.PathLike, *, dtype: str = "fp32", extra: dict | None = None) -> Path:
-        """Write the EMA network in diffusers format (config.json + diffusion_pytorch_model.safetensors)
-        and the ``localdiff_unet.json`` manifest into ``out``; each file is replaced atomically, the
-        manifest last."""
-        dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-        if dtype not in dtypes:
-            raise ConfigError(f"export dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
+        """Write the EMA network in diffusers format and its manifest into ``out`` (:mod:`.export`)."""
+        from .export import export
+
         self._flush_losses()
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_partials(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".export.pid{os.getpid()}.", suffix=".partial", dir=out))
-        try:
-            self.ema_model(dtypes[dtype]).save_pretrained(tmp, safe_serialization=True)
-            weights = tmp / WEIGHTS_NAME
-            if not weights.is_file():
-                raise LocaldiffError(f"diffusers did not write {WEIGHTS_NAME} in {tmp}")
-            _readable(weights)
-            _fsync_file(weights)
-            manifest = {
-                "format": MANIFEST_FORMAT,
-                **(extra or {}),
-                "data": {"name": self.data.name, "fingerprint": self.data.fingerprint, "num": len(self.data),
-                         "shape": list(self.data.shape)},
-                "steps": self.step,
-                "epochs": self.order.epochs,
-                "final_loss": self.loss_ema,
-                "loss_ema_decay": LOSS_EMA_DECAY,
-                "loss_log": self.loss_log,
-                "wall_time_s": self.total_wall_s,
-                "images_per_s": self.images_per_s,
-                "device": device_name(self.device),
-                "prediction": self.config.prediction,
-                "lr_schedule": {"decay": self.config.lr_decay, "total_steps": self.total_steps,
-                                "warmup_steps": self.warmup_steps},
-                "plan": self.plan,
-                "stopped_early": any(h.get("stopped_early") for h in self.history),
-                "history": self.history,
-                "weights": {"file": WEIGHTS_NAME, "sha256": sha256_file(weights), "dtype": dtype, "source": "ema"},
-                "model_config": self.model_config.to_dict(),
-                "train_config": self.config.to_dict(),
-                "schedule": schedule_record(self.schedule, self.config.prediction),
-                "num_parameters": sum(p.numel() for p in self.params),
-            }
-            for name in (WEIGHTS_NAME, "config.json"):
-                os.replace(tmp / name, out / name)
-            _write_json(tmp / MANIFEST_NAME, manifest)
-            os.replace(tmp / MANIFEST_NAME, out / MANIFEST_NAME)
-            _fsync_dir(out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return out
-
-
-def _step_name(step: int) -> str:
-    return f"step-{step:07d}"
-
-
-def schedule_record(schedule: Schedule, prediction: str = "epsilon") -> dict:
-    """The noise schedule and parametrisation as stored in checkpoints and manifests (diffusers
-    scheduler keywords; ``prediction_type`` is ``epsilon`` or ``v_prediction``)."""
-    return {**schedule.scheduler_kwargs(), "prediction_type": PREDICTIONS[prediction]}
-
-
-def device_name(device: torch.device) -> str:
-    """``cpu`` or the GPU's name (``cuda: NVIDIA H200``), for run records."""
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    return device.type
+        return export(self, out, dtype=dtype, extra=extra)

@@ -348,7 +348,7 @@ def _setitems(m: _Machine, items: list):
     d = m.top(dict, "SETITEM")
     for k, v in zip(items[::2], items[1::2]):
         if type(k) not in _SCALAR_KEYS:
-            raise _Refused(f"a dict key of type {type(k).__name__}")
+            raise _Refused(f"a dict key of type {_describe(k)}")
         d[k] = v
 
 

@@ -58,6 +58,20 @@ def int_list(text: str, what: str) -> list[int]:
         raise ConfigError(f"{what} must be comma-separated integers, e.g. 900,500,100; got '{text}'") from exc
 
 
+def timestep_list(text: str, what: str) -> list[int]:
+    """``"900,500,100"`` -> ``[900, 500, 100]``, each t checked by the one timestep rule
+    (``Schedule.check_t``), with an error naming the flag ``what``."""
+    from ..diffusion import DEFAULT_SCHEDULE
+
+    out = []
+    for t in int_list(text, what):
+        try:
+            out.append(DEFAULT_SCHEDULE.check_t(t))
+        except ConfigError as exc:
+            raise ConfigError(f"{what}: {exc}") from None
+    return out
+
+
 def model_options(pairs, models) -> dict[str, dict[str, str]]:
     """``["masked.tau=0.005"]`` -> ``{"masked": {"tau": "0.005"}, ...}`` for every model in ``models``."""
     opts: dict[str, dict[str, str]] = {m: {} for m in models}

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from .common import command_line, int_list, load_held_out, model_options, name_list, new_run_dir, versions
+from .common import command_line, load_held_out, model_options, name_list, new_run_dir, timestep_list, versions
 
 
 def register(subparsers) -> None:
@@ -99,7 +99,7 @@ def build_config(args, device):
         given["field_models"] = () if args.field_models.strip().lower() == "none" else \
             tuple(name_list(args.field_models, "--field-models"))
     if args.field_timesteps is not None:
-        given["field_timesteps"] = tuple(int_list(args.field_timesteps, "--field-timesteps"))
+        given["field_timesteps"] = tuple(timestep_list(args.field_timesteps, "--field-timesteps"))
     if args.pixels is not None:
         given["field_pixels"] = args.pixels
     given["unet"] = not args.no_unet

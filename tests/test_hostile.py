@@ -240,3 +240,14 @@ def test_truncated_npz_closes_its_file(tmp_path):
                 load_dataset(tmp_path / "c.npz")
             gc.collect()
         assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+def test_cli_memory_cap_flag(tmp_path, tmp_cache, capsys):
+    from localdiff.cli import main
+
+    np.save(tmp_path / "x.npy", np.zeros((100, 8, 8), np.uint8))
+    argv = ["sample", "--data", str(tmp_path / "x.npy"), "--model", "wiener", "--num", "1", "--steps", "1",
+            "--device", "cpu"]
+    assert main([*argv, "--max-data-bytes", "1K", "--out", str(tmp_path / "a")]) == 2
+    assert "x.npy: the array would take 6.2 KiB in memory, more than the cap of 1.0 KiB" in capsys.readouterr().err
+    assert main([*argv, "--max-data-bytes", "64K", "--out", str(tmp_path / "b")]) == 0

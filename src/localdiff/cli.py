@@ -8,6 +8,7 @@ import sys
 import warnings
 
 from .commands import COMMANDS
+from .commands.common import Terminated, sigterm_raises
 from .errors import LocaldiffError
 
 
@@ -29,13 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warnings.simplefilter("default", RuntimeWarning)
     try:
-        return int(args.func(args) or 0)
+        with sigterm_raises():  # SIGTERM cleans up like Ctrl-C
+            return int(args.func(args) or 0)
     except LocaldiffError as exc:
         print(f"localdiff {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"localdiff {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"localdiff {args.command}: terminated", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

@@ -48,6 +48,9 @@ def register(subparsers) -> None:
                    help="fit the analytical models on a seeded subset of this many training images "
                         "(default: all; --quick: 5000)")
     g.add_argument("--data-seed", type=int, default=None, help="seed of that subset (default 0)")
+    g.add_argument("--max-data-bytes", metavar="SIZE", default=None,
+                   help="memory cap for the decoded images of --data, e.g. 8G (default: $LOCALDIFF_MAX_DATA_BYTES, "
+                        "else half of the machine's memory)")
     m = p.add_argument_group("models and sampling")
     m.add_argument("--models", default=None,
                    help="comma-separated analytical models, or 'all' (default on a CPU: wiener,optimal,nearest,"
@@ -220,7 +223,7 @@ def run(args) -> int:
     out = Path(args.out) if args.out else default_out(source)
     t0 = time.perf_counter()
     with new_run_dir(out) as tmp:
-        load = {"resolution": args.resolution, "channels": args.channels}
+        load = {"resolution": args.resolution, "channels": args.channels, "max_bytes": args.max_data_bytes}
         data = load_dataset(source, split=args.split, **load)
         held_out = load_held_out(lambda s: load_dataset(source, split=s, **load), args.held_out_split,
                                  "for the fields and the memorisation yardstick")

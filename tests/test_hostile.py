@@ -46,7 +46,7 @@ EXPECTED = {
     "cifar-mutate-frombuffer": r"data_batch_1: pickle holds a state change \(BUILD\) of "
                                r"numpy\.core\.numeric\._frombuffer",
     "jpeg-dimension-bomb": r"a\.jpg: .*144000000 pixels.*Pillow's decompression-bomb limit",
-    "png16-bomb": r"a\.png: the 6000 x 6000 I;16 image would take 68\.7 MiB decoded from .* more than 200 times",
+    "png16-bomb": r"a\.png: the 6000 x 6000 I;16 image would take 446\.3 MiB decoded from .* more than 200 times",
     "eps-as-png": r"a\.png: cannot read this image: its content is not PNG",
     "gif-as-png": r"a\.png: cannot read this image: its content is not PNG",
 }
@@ -251,3 +251,16 @@ def test_cli_memory_cap_flag(tmp_path, tmp_cache, capsys):
     assert main([*argv, "--max-data-bytes", "1K", "--out", str(tmp_path / "a")]) == 2
     assert "x.npy: the array would take 6.2 KiB in memory, more than the cap of 1.0 KiB" in capsys.readouterr().err
     assert main([*argv, "--max-data-bytes", "64K", "--out", str(tmp_path / "b")]) == 0
+
+
+def test_unpickler_bounds_work_and_numbers():
+    from localdiff.data.safe_pickle import MAX_OPS
+
+    with pytest.raises(Exception, match=rf"more than {MAX_OPS} opcodes"):
+        loads_plain(b"\x80\x02" + pickle.EMPTY_LIST * (MAX_OPS + 10) + b".")  # 0.5 MB that would be 0.5 M lists
+    huge = hostile.op_int(2**64)  # a shape dimension no array can have (its product would be a huge integer)
+    blob = (pickle.PROTO + b"\x02" + hostile.op_global("numpy.core.multiarray", "_reconstruct")
+            + hostile.op_tuple(hostile.op_global("numpy", "ndarray"), hostile.op_tuple(huge), hostile.op_str(b"b"))
+            + pickle.REDUCE + pickle.STOP)
+    with pytest.raises(Exception, match="non-negative 64-bit integers"):
+        loads_plain(blob)

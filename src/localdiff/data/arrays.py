@@ -66,7 +66,7 @@ def read_npy_header(f: BinaryIO, path, available: int) -> tuple[tuple[int, ...],
     except Exception as e:  # noqa: BLE001 - a parser of untrusted text: every failure means "corrupt header"
         raise DataError(f"{path}: the .npy header is corrupt ({type(e).__name__}: {str(e)[:120]}); "
                         f"{_REWRITE}") from None
-    if not all(type(s) is int and s >= 0 for s in shape):
+    if not all(type(s) is int and 0 <= s < 2**63 for s in shape):
         raise DataError(f"{path}: the .npy header gives shape {shape!r:.80}; the file is corrupt: {_REWRITE}")
     if dtype.kind not in "biuf" or dtype.names is not None or dtype.subdtype is not None:
         raise _dtype_error(path, dtype)

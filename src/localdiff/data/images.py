@@ -49,8 +49,10 @@ def _open_error(path: Path, e: Exception) -> DataError:
                      "truncated: re-download it or delete it from the folder")
 
 
-def _bytes_per_pixel(mode: str, bands: int) -> int:
-    return bands * (2 if ";16" in mode else 4 if mode in ("I", "F") else 1)
+def _work_per_pixel(mode: str, bands: int) -> int:
+    """Bytes per pixel of decoding and converting one image: Pillow's decoded image, the 8-bit RGB or
+    gray copy, and the float32 planes of a resize."""
+    return bands * (2 if ";16" in mode else 4 if mode in ("I", "F") else 1) + 3 + 8
 
 
 @contextmanager
@@ -77,9 +79,9 @@ def open_image(path: Path, limits: ReadLimits) -> Iterator[Image.Image]:
         if w < 1 or h < 1:
             raise DataError(f"{path}: the image is {w} x {h} pixels; the file is corrupt: re-download it or delete "
                             "it from the folder")
-        decoded = w * h * _bytes_per_pixel(im.mode, len(im.getbands()))
-        limits.check_expansion(decoded, path.stat().st_size, path, f"the {w} x {h} {im.mode} image",
-                               "re-encode it, or delete it from the folder")
+        work = w * h * _work_per_pixel(im.mode, len(im.getbands()))
+        limits.check_expansion(work, path.stat().st_size, path, f"the {w} x {h} {im.mode} image",
+                               "shrink or re-encode it, or delete it from the folder")
         yield im
 
 

@@ -27,6 +27,7 @@ from .limits import ReadLimits, nbytes_of, read_all_bounded
 
 MAX_DEPTH = 32  # nesting of lists/tuples/dicts (a CIFAR batch needs 2)
 MAX_NDIM = 32
+MAX_OPS = 1 << 19  # opcodes per file: a CIFAR-10 batch needs about 40,000; bounds memory to ~50 MB of objects
 _PLAIN_DTYPE = re.compile(r"[<>|=]?(b1|[iu][1248]|f[248])")
 _SCALAR_KEYS = (str, bytes, int, float, bool, type(None))
 
@@ -104,8 +105,8 @@ def _text(obj: Any) -> str | None:
 
 def _shape(obj: Any) -> tuple[int, ...]:
     if (type(obj) is not tuple or len(obj) > MAX_NDIM
-            or not all(type(s) is int and s >= 0 for s in obj)):
-        raise _Refused(f"an array shape that is not a tuple of at most {MAX_NDIM} non-negative integers")
+            or not all(type(s) is int and 0 <= s < 2**63 for s in obj)):
+        raise _Refused(f"an array shape that is not a tuple of at most {MAX_NDIM} non-negative 64-bit integers")
     return obj
 
 
@@ -161,7 +162,7 @@ class _Machine:
         return self.stack[-1]
 
     def run(self):
-        while True:
+        for _ in range(MAX_OPS):
             if self.pos >= len(self.data):
                 raise _Corrupt("the file ends before the pickle's STOP opcode")
             code = self.data[self.pos]
@@ -177,6 +178,7 @@ class _Machine:
                 if len(self.stack) != 1 or self.marks:
                     raise _Corrupt("the pickle's stack is not a single object at STOP")
                 return self.stack[0]
+        raise _Refused(f"more than {MAX_OPS} opcodes (a batch of images needs far fewer)")
 
     # -- constructors (the only things a REDUCE can reach) ---------------------------------------
     def construct(self, token: _Token, args: tuple):

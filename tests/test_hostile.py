@@ -147,6 +147,13 @@ def test_cifar_total_is_capped_across_batches(tmp_path):
     assert len(load_dataset(tmp_path, max_bytes=200_000)) == 20
 
 
+def test_labels_of_huge_integers_are_described_not_printed():
+    from localdiff.data.raw import check_labels
+
+    with pytest.raises(DataError, match=r"x: labels must be class indices 0\.\.2147483647, found a 66439-bit integer"):
+        check_labels([0, 10**20000], 2, "x")
+
+
 def test_labels_rules(tmp_path):
     x = np.zeros((3, 4, 4), np.uint8)
     for labels, ok in [(np.array([0, 1, 2**31 - 1]), True), (np.array([0.0, 1.0, 2.0]), True),

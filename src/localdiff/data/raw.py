@@ -122,9 +122,10 @@ def check_labels(labels: Any, n: int, source: str) -> np.ndarray:
                             "non-finite values")
     lo, hi = (y.min(), y.max()) if isinstance(y, np.ndarray) else (min(y), max(y))
     if lo < 0 or hi > MAX_LABEL:
-        v = lo if lo < 0 else hi
-        raise DataError(f"{source}: labels must be class indices 0..{MAX_LABEL}, found {int(v) if abs(v) < 1e30 else v}"
-                        f"; the file is corrupt, or its labels need mapping to 0, 1, 2, ... first")
+        v = int(lo if lo < 0 else hi)
+        shown = str(v) if v.bit_length() < 64 else f"a {v.bit_length()}-bit integer"
+        raise DataError(f"{source}: labels must be class indices 0..{MAX_LABEL}, found {shown}; the file is "
+                        "corrupt, or its labels need mapping to 0, 1, 2, ... first")
     return np.asarray(y).astype(np.int64)
 
 

@@ -129,16 +129,18 @@ def test_a_killed_runs_leftovers_are_removed_by_the_next_run(toy, tmp_path, tmp_
 def test_partials_that_cannot_be_judged_are_reported_not_removed(tmp_path, capsys):
     live = tmp_path / f".a.{owner_tag()}.xyz.partial"  # this process: alive
     other_host = tmp_path / f".b.h{(int(_host(), 16) ^ 1):08x}p1s1.xyz.partial"
-    older = tmp_path / ".c.k3j2h1.partial"  # written by an earlier version, without an owner tag
+    older = tmp_path / ".c.k3j2h1_x.partial"  # written by an earlier version, without an owner tag
+    foreign = tmp_path / ".some-other-tool.partial"  # not ours: not even mentioned
     reused = tmp_path / f".d.h{_host()}p{os.getpid()}s1.xyz.partial"  # our pid, another start time: dead
-    for p in (live, other_host, older, reused):
+    for p in (live, other_host, older, reused, foreign):
         p.mkdir()
     with new_run_dir(tmp_path / "next"):
         pass
     err = capsys.readouterr().err
-    assert live.exists() and other_host.exists() and older.exists() and not reused.exists()
+    assert live.exists() and other_host.exists() and older.exists() and foreign.exists() and not reused.exists()
     assert f"{other_host} is the unfinished output of a run on another machine" in err
-    assert f"{older} is the unfinished output of an older localdiff" in err and str(live) not in err
+    assert f"{older} is the unfinished output of an older localdiff" in err
+    assert str(live) not in err and str(foreign) not in err
 
 
 def test_stale_temporary_files_of_a_dead_writer_are_removed(tmp_path):

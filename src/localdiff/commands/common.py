@@ -141,13 +141,14 @@ def sigterm_raises():
 
 
 _PARTIAL = re.compile(r"\..+\.partial")
+_UNTAGGED = re.compile(r"\..+\.[a-z0-9_]{8}\.partial")  # what earlier versions wrote (mkdtemp, no owner tag)
 
 
 def sweep_partials(directory: Path) -> None:
     """Remove the ``.NAME.*.partial`` directories that dead runs on this machine left in ``directory``
     (SIGKILL, power loss); report those whose owner cannot be checked."""
     for path, state in stale_entries(directory, _PARTIAL):
-        if not path.is_dir():
+        if not path.is_dir() or (state == "unknown" and not _UNTAGGED.fullmatch(path.name)):
             continue
         if state == "dead":
             if remove_entry(path):

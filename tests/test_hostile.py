@@ -71,13 +71,14 @@ def test_hostile_file_is_a_typed_error_without_memory_or_state_damage(name, tmp_
     path = BUILDERS[name](tmp_path, **SMALLER.get(name, {}))
     before = module_state()
     tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ResourceWarning)
             with pytest.raises(DataError, match=EXPECTED[name]):
                 load_dataset(path)
             gc.collect()
-        peak = tracemalloc.get_traced_memory()[1]
+        peak = tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
     assert peak < 16 << 20, f"{name}: {peak / 2**20:.1f} MiB traced while refusing a {hostile.file_size(path)}-byte file"

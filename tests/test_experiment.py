@@ -98,6 +98,10 @@ def test_experiment_command_quick(tmp_path, tmp_cache):
     assert iso["cos_linear_wiener"] > 0.9
     for name in ("summary.md", "summary.png", "fields_grf.png", "fields_grf-aniso.png", "fields.npz"):
         assert (out / name).is_file()
+    from localdiff.fileio import current_umask
+    from test_outputs import assert_umask_modes
+
+    assert_umask_modes(out, current_umask())  # the trained U-Nets under unets/ included
     assert (out / "unets" / "grf" / "config.json").is_file()
     # the report is one self-contained page whose every image is a decodable PNG
     import base64

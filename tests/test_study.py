@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 
 from localdiff.cli import main
+from localdiff.fileio import current_umask
+from test_outputs import assert_umask_modes
 
 from conftest import save_tiny_unet
 from test_fields import brute_radius
@@ -107,6 +109,7 @@ def test_quick_study_writes_every_number_keyed_by_model_step_and_mode(quick_run)
         with Image.open(png) as im:
             assert im.size[0] >= 100 and im.size[1] >= 56, png.name
     assert not list(out.parent.glob(".run.*"))  # no partial directory left behind
+    assert_umask_modes(out, current_umask())  # readable by colleagues under umask 022
 
 
 def test_quick_study_r2_recomputed_independently(quick_run):

@@ -10,6 +10,7 @@ import time
 import warnings
 
 from .commands import COMMANDS
+from .commands.common import Terminated, sigterm_raises
 from .errors import LocaldiffError
 
 
@@ -47,13 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     args.started_at = started_at
     warnings.simplefilter("default", RuntimeWarning)
     try:
-        return int(args.func(args) or 0)
+        with sigterm_raises():  # SIGTERM cleans up like Ctrl-C
+            return int(args.func(args) or 0)
     except LocaldiffError as exc:
         print(f"localdiff {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"localdiff {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"localdiff {args.command}: terminated", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

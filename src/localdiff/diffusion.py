@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable, Literal
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -37,17 +38,33 @@ class Schedule:
         return torch.cumprod(1.0 - self.betas, dim=0)
 
     def check_t(self, t) -> int:
-        """Validate a timestep and return it as a Python int."""
-        if isinstance(t, torch.Tensor):
-            if t.numel() != 1:
-                raise ConfigError(f"timestep must be a single integer, got a tensor of shape {tuple(t.shape)}")
-            t = t.item()
-        if isinstance(t, float) and not t.is_integer():
-            raise ConfigError(f"timestep must be an integer in [0, {self.num_train_timesteps - 1}], got {t}")
-        t = int(t)
-        if not 0 <= t < self.num_train_timesteps:
-            raise ConfigError(f"timestep must be in [0, {self.num_train_timesteps - 1}], got {t}")
-        return t
+        """The one rule for a timestep, used wherever t enters: an integer value in [0, T-1].
+
+        Accepted: a Python int, a numpy integer, or an integer tensor/array holding one element (0-d
+        or [1]). Anything else is a ConfigError: bools, floats (even whole ones such as 500.0: a float
+        timestep is ambiguous between rounding and truncation), strings, None, several elements.
+        """
+        last = self.num_train_timesteps - 1
+        value = t
+        if isinstance(value, (torch.Tensor, np.ndarray)):
+            numel = value.numel() if isinstance(value, torch.Tensor) else value.size
+            if numel != 1:
+                raise ConfigError(f"timestep must be a single integer in [0, {last}], got an array of shape "
+                                  f"{tuple(value.shape)}; call the denoiser once per timestep")
+            kind = "int" if _integer_dtype(value.dtype) else str(value.dtype).replace("torch.", "")
+            if kind != "int":
+                raise ConfigError(f"timestep must be an integer in [0, {last}], got a {kind} array; "
+                                  "pass an integer tensor or int(t)")
+            value = value.reshape(-1)[0].item()
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            hint = "; pass int(t)" if isinstance(value, (float, np.floating)) and float(value).is_integer() else ""
+            raise ConfigError(f"timestep must be an integer in [0, {last}] (a Python int, a numpy integer or a "
+                              f"one-element integer tensor), got {type(value).__name__} {shown}{hint}")
+        value = int(value)
+        if not 0 <= value <= last:
+            raise ConfigError(f"timestep must be in [0, {last}], got {value}")
+        return value
 
     def a(self, t) -> float:
         """``sqrt(alpha_bar[t])``, the signal scale."""
@@ -79,6 +96,13 @@ class Schedule:
 
 
 DEFAULT_SCHEDULE = Schedule()
+
+
+def _integer_dtype(dtype) -> bool:
+    """Integer (not bool) torch or numpy dtype."""
+    if isinstance(dtype, torch.dtype):
+        return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+    return np.dtype(dtype).kind in "iu"
 
 
 @dataclass

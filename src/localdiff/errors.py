@@ -15,3 +15,7 @@ class ConfigError(LocaldiffError, ValueError):
 
 class CacheError(LocaldiffError):
     """A cache file is corrupt or does not match what it claims to hold."""
+
+
+class NumericsError(LocaldiffError, ArithmeticError):
+    """A computation returned NaN or Inf from finite inputs (named by the model that did it)."""

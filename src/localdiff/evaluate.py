@@ -31,12 +31,12 @@ def denoising_mse(denoisers: Mapping[str, object], images: torch.Tensor, timeste
         raise ConfigError(f"held-out images must be a non-empty [N,C,H,W] tensor, got {tuple(images.shape)}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    timesteps = [schedule.check_t(t) for t in timesteps]
     images = images.detach().to("cpu", torch.float32)
     n_img = images.shape[0]
-    sq = {name: {int(t): torch.empty(n_img, dtype=torch.float64) for t in timesteps} for name in denoisers}
+    sq = {name: {t: torch.empty(n_img, dtype=torch.float64) for t in timesteps} for name in denoisers}
     bar = tqdm(total=len(timesteps) * n_img, desc="denoising MSE", unit="img", disable=not progress)
     for t in timesteps:
-        t = schedule.check_t(t)
         noise = torch.randn(images.shape, generator=generator)
         x_t = schedule.q_sample(images, t, noise)  # [N,C,H,W]
         for start in range(0, n_img, batch_size):

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .diffusion import DEFAULT_SCHEDULE
 from .errors import ConfigError
 from .sensitivity import Fields, cosine, energy_radius, parse_pixels, sensitivity_fields
 
@@ -60,6 +61,8 @@ class ExperimentConfig:
             raise ConfigError(f"draws must be positive, got {self.draws}")
         if not self.timesteps:
             raise ConfigError("no timesteps given")
+        for t in self.timesteps:
+            DEFAULT_SCHEDULE.check_t(t)
 
 
 def axis_extent(fld: np.ndarray, pixel: tuple[int, int]) -> tuple[float, float]:

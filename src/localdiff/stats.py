@@ -10,6 +10,7 @@ the best linear denoiser.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from .errors import CacheError
 from .fileio import write_bytes
 
-CACHE_VERSION = "moments-v1"
+CACHE_VERSION = "moments-v2"
 
 
 @dataclass
@@ -117,43 +118,58 @@ def _cache_path(cache_dir: Path, fingerprint: str) -> Path:
     return cache_dir / f"spectrum-{fingerprint[:32]}.safetensors"
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        h.update(k.encode())
-        h.update(tensors[k].contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
+# Cache file = magic line + sha256 of the rest + a safetensors payload (tensors and their metadata), so
+# the checksum covers every byte after it: metadata, header and arrays alike.
+_MAGIC = b"localdiff spectrum cache v2\n"
+_HEAD = len(_MAGIC) + 32
 
 
 def save_spectrum(spec: Spectrum, path: Path) -> None:
-    """Write the spectrum atomically, with its data fingerprint and a checksum of the arrays."""
+    """Write the spectrum atomically: its data fingerprint, and a checksum over all the bytes after it."""
     from safetensors.torch import save
 
     tensors = {"mean": spec.mean.cpu().contiguous(), "eigvals": spec.eigvals.cpu().contiguous(),
                "eigvecs": spec.eigvecs.cpu().contiguous()}
-    meta = {"version": CACHE_VERSION, "fingerprint": spec.fingerprint, "count": str(spec.count),
-            "sha256": _digest(tensors)}
-    write_bytes(path, save(tensors, metadata=meta))
+    meta = {"version": CACHE_VERSION, "fingerprint": spec.fingerprint, "count": str(spec.count)}
+    payload = save(tensors, metadata=meta)
+    write_bytes(path, _MAGIC + hashlib.sha256(payload).digest() + payload)
 
 
 def load_spectrum(path: Path, fingerprint: str) -> Spectrum:
-    """Read a cached spectrum; raise CacheError if it is corrupt or belongs to other data."""
-    from safetensors import safe_open
-
+    """Read a cached spectrum; raise CacheError if any byte of it is corrupt or it belongs to other data."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises several types for a damaged header or payload
+        blob = Path(path).read_bytes()
+    except OSError as exc:
         raise CacheError(f"cache file {path} is unreadable ({exc})") from exc
-    if meta.get("version") != CACHE_VERSION or meta.get("fingerprint") != fingerprint:
-        raise CacheError(f"cache file {path} belongs to other data or another version")
-    if set(tensors) != {"mean", "eigvals", "eigvecs"} or meta.get("sha256") != _digest(tensors):
+    return parse_spectrum(blob, fingerprint, path)
+
+
+def parse_spectrum(data: bytes, fingerprint: str, path="<bytes>") -> Spectrum:
+    """The spectrum in a cache file's bytes ``data``; CacheError naming ``path`` if any byte is wrong."""
+    from safetensors.torch import load
+
+    blob = memoryview(data)
+    if bytes(blob[:len(_MAGIC)]) != _MAGIC:
+        raise CacheError(f"cache file {path} is corrupt or was written by an older version")
+    payload = blob[_HEAD:]
+    if hashlib.sha256(payload).digest() != bytes(blob[len(_MAGIC):_HEAD]):
         raise CacheError(f"cache file {path} fails its checksum")
+    try:  # the checksum passed: these bytes are what save_spectrum wrote, so this only guards against forgery
+        n = int.from_bytes(payload[:8], "little")
+        meta = json.loads(bytes(payload[8:8 + n]))["__metadata__"]
+        tensors = load(bytes(payload))
+        count = int(meta["count"])
+        version, found = meta["version"], meta["fingerprint"]
+    except Exception as exc:  # noqa: BLE001 - safetensors and json raise several types for malformed input
+        raise CacheError(f"cache file {path} is unreadable ({type(exc).__name__}: {exc})") from None
+    if version != CACHE_VERSION or found != fingerprint:
+        raise CacheError(f"cache file {path} belongs to other data or another version")
+    if set(tensors) != {"mean", "eigvals", "eigvecs"} or tensors["mean"].ndim != 1:
+        raise CacheError(f"cache file {path} holds other arrays")
     n = tensors["mean"].shape[0]
     if tensors["eigvals"].shape != (n,) or tensors["eigvecs"].shape != (n, n):
         raise CacheError(f"cache file {path} has inconsistent shapes")
-    return Spectrum(tensors["mean"], tensors["eigvals"], tensors["eigvecs"], int(meta["count"]), fingerprint)
+    return Spectrum(tensors["mean"], tensors["eigvals"], tensors["eigvecs"], count, fingerprint)
 
 
 def data_spectrum(data, *, device: str | torch.device = "cpu", cache: bool | str | Path = True,

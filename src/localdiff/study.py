@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .denoisers import REGISTRY, Capabilities, available_models, make_denoiser
 from .device import resolve_device
-from .diffusion import Trajectory, initial_noise, sample, timesteps_for
+from .diffusion import DEFAULT_SCHEDULE, Trajectory, initial_noise, sample, timesteps_for
 from .errors import ConfigError
 from .metrics import (
     MODES,
@@ -291,7 +291,7 @@ def run_study(data, held_out, config: StudyConfig = StudyConfig(), *, options: d
         raise ConfigError(f"options given for {', '.join(unknown)}, which is not studied ({', '.join(studied)})")
     device = resolve_device(config.device)  # once: every model gets the resolved device
     timesteps = timesteps_for(config.steps, config.sampler)
-    field_ts = tuple(int(t) for t in config.field_timesteps)
+    field_ts = tuple(DEFAULT_SCHEDULE.check_t(t) for t in config.field_timesteps)
     pixels = parse_pixels(config.field_pixels, data.shape)
     if tuple(held_out.shape) != tuple(data.shape):
         raise ConfigError(f"held-out images have shape {held_out.shape}, the training set {data.shape}")

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from .common import add_data_args, command_line, int_list, load_data_from_args, parse_opts, versions
+from .common import add_data_args, command_line, int_list, load_data_from_args, parse_opts, timestep_list, versions
 
 
 def register(subparsers) -> None:
@@ -44,7 +44,7 @@ def run(args) -> int:
         raise ConfigError(f"{out} already exists; choose a new --out (schedules are never overwritten)")
     if args.num < 1 or args.batch_size < 1:
         raise ConfigError("--num and --batch-size must be positive")
-    timesteps = int_list(args.timesteps, "--timesteps") if args.timesteps else None
+    timesteps = timestep_list(args.timesteps, "--timesteps") if args.timesteps else None
     sizes = int_list(args.sizes, "--sizes") if args.sizes else None
     t0 = time.perf_counter()
     data = load_data_from_args(args)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
+from ..fileio import normal_mode, owner_tag, remove_entry, stale_entries
 
 
 def add_data_args(p) -> None:
@@ -22,13 +26,17 @@ def add_data_args(p) -> None:
     p.add_argument("--channels", type=int, choices=(1, 3), default=None, help="convert to 1 or 3 channels")
     p.add_argument("--subset", type=int, default=None, help="use a seeded random subset of this many images")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the subset (default 0)")
+    p.add_argument("--max-data-bytes", metavar="SIZE", default=None,
+                   help="memory cap for the decoded images of --data, e.g. 8G (default: $LOCALDIFF_MAX_DATA_BYTES, "
+                        "else half of the machine's memory)")
 
 
 def load_data_from_args(args, split: str | None = None):
     from ..data import load_dataset
 
     return load_dataset(args.dataset or args.data, split=split or args.split, resolution=args.resolution,
-                        channels=args.channels, subset=args.subset, seed=args.data_seed)
+                        channels=args.channels, subset=args.subset, seed=args.data_seed,
+                        max_bytes=getattr(args, "max_data_bytes", None))
 
 
 def parse_opts(pairs: list[str] | None) -> dict[str, str]:
@@ -56,6 +64,20 @@ def int_list(text: str, what: str) -> list[int]:
         return [int(v) for v in name_list(text, what)]
     except ValueError as exc:
         raise ConfigError(f"{what} must be comma-separated integers, e.g. 900,500,100; got '{text}'") from exc
+
+
+def timestep_list(text: str, what: str) -> list[int]:
+    """``"900,500,100"`` -> ``[900, 500, 100]``, each t checked by the one timestep rule
+    (``Schedule.check_t``), with an error naming the flag ``what``."""
+    from ..diffusion import DEFAULT_SCHEDULE
+
+    out = []
+    for t in int_list(text, what):
+        try:
+            out.append(DEFAULT_SCHEDULE.check_t(t))
+        except ConfigError as exc:
+            raise ConfigError(f"{what}: {exc}") from None
+    return out
 
 
 def model_options(pairs, models) -> dict[str, dict[str, str]]:
@@ -96,24 +118,99 @@ def command_line() -> str:
     return " ".join(["localdiff", *sys.argv[1:]])
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so every clean-up on the way out runs."""
+
+
+@contextmanager
+def sigterm_raises():
+    """While the block runs (main thread only), SIGTERM raises :class:`Terminated` instead of killing
+    the process on the spot, so half-written outputs are removed as after Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+_PARTIAL = re.compile(r"\..+\.partial")
+_UNTAGGED = re.compile(r"\..+\.[a-z0-9_]{8}\.partial")  # what earlier versions wrote (mkdtemp, no owner tag)
+
+
+def sweep_partials(directory: Path) -> None:
+    """Remove the ``.NAME.*.partial`` directories that dead runs on this machine left in ``directory``
+    (SIGKILL, power loss); report those whose owner cannot be checked."""
+    for path, state in stale_entries(directory, _PARTIAL):
+        if not path.is_dir() or (state == "unknown" and not _UNTAGGED.fullmatch(path.name)):
+            continue
+        if state == "dead":
+            if remove_entry(path):
+                print(f"localdiff: removed {path}, the unfinished output of a run that is no longer running",
+                      file=sys.stderr)
+        else:
+            where = "a run on another machine" if state == "elsewhere" else "an older localdiff"
+            print(f"localdiff: note: {path} is the unfinished output of {where}; delete it if that run is over",
+                  file=sys.stderr)
+
+
+def _unused_sibling(out: Path) -> Path:
+    for k in range(1, 10000):
+        cand = out.with_name(f"{out.name}-{k}")
+        if not cand.exists() and not cand.is_symlink():
+            return cand
+    raise ConfigError(f"no free name next to {out}")  # pragma: no cover
+
+
 @contextmanager
 def new_run_dir(out: str | os.PathLike):
     """Yield a temporary directory that becomes ``out`` only when the block succeeds.
 
     ``out`` must not exist: earlier results are never overwritten, and a failed or interrupted run
-    leaves nothing half-written under that name.
+    (Ctrl-C, SIGTERM) leaves nothing half-written under that name; what a killed run left is removed
+    by the next one. The directory and its files get the umask's permissions. If ``out`` appears while
+    the run works, the results are kept under ``out-1`` (``-2``, ...) and the error names that path.
     """
     out = Path(out)
-    if out.exists():
+    if out.exists() or out.is_symlink():
         raise ConfigError(f"output directory {out} already exists; choose a new --out (runs are never overwritten)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    sweep_partials(out.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{owner_tag()}.", suffix=".partial", dir=out.parent))
+    finished = False
     try:
-        yield tmp
-        if out.exists():
-            raise ConfigError(f"output directory {out} appeared while this run was working; results left in {tmp}")
-        os.replace(tmp, out)
+        normal_mode(tmp, directory=True)
+        with sigterm_raises():
+            yield tmp
+            finished = True
+            _publish(tmp, out)
     except BaseException:
-        if tmp.exists() and not (out.exists() and out.samefile(tmp)):
+        if not finished and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out``; never lose it: if ``out`` appeared meanwhile, or the rename
+    fails, the results stay under a name the error gives."""
+    try:
+        if out.exists() or out.is_symlink():
+            raise FileExistsError(out)
+        os.rename(tmp, out)  # (an empty directory created in between would be replaced: nothing is lost)
+        return
+    except OSError as exc:
+        if not (out.exists() or out.is_symlink()):
+            raise ConfigError(f"cannot rename the finished run {tmp} to {out} ({exc}); its results are in {tmp}") from None
+    kept = _unused_sibling(out)
+    try:
+        os.rename(tmp, kept)
+    except OSError:
+        kept = tmp
+    raise ConfigError(f"output directory {out} appeared while this run was working; its results are in {kept} "
+                      "(move them where you want them)")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 from ..errors import ConfigError
-from .common import (add_data_args, command_line, int_list, load_data_from_args, load_held_out, model_options,
-                     name_list, new_run_dir, versions)
+from .common import (add_data_args, command_line, load_data_from_args, load_held_out, model_options, name_list,
+                     new_run_dir, timestep_list, versions)
 
 
 def register(subparsers) -> None:
@@ -72,7 +72,7 @@ def run(args) -> int:
     from ..fileio import write_bytes, write_json
 
     models = name_list(args.models, "--models")
-    timesteps = int_list(args.timesteps, "--timesteps")
+    timesteps = timestep_list(args.timesteps, "--timesteps")
     if args.num < 1:
         raise ConfigError(f"--num must be positive, got {args.num}")
     if args.samples < 0 or args.samples > args.num or args.sample_steps < 1:

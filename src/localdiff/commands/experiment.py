@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from ..errors import ConfigError
-from .common import command_line, int_list, name_list, new_run_dir, versions
+from .common import command_line, name_list, new_run_dir, timestep_list, versions
 
 EXPERIMENTS = ("locality-follows-data",)
 QUICK = dict(sets=("grf", "grf-aniso"), train_steps=40, subset=2000, timesteps=(300,), draws=2, linear_steps=150)
@@ -61,7 +61,7 @@ def _unet_dirs(pairs) -> dict[str, str]:
 def config_from_args(args):
     from ..experiment import ExperimentConfig
 
-    timesteps = tuple(int_list(args.timesteps, "--timesteps"))
+    timesteps = tuple(timestep_list(args.timesteps, "--timesteps"))
     cfg = ExperimentConfig(
         sets=tuple(name_list(args.sets, "--sets")), unet_config=args.config,
         train_steps=args.train_steps, subset=args.subset, timesteps=timesteps, pixels=args.pixels,

@@ -6,8 +6,8 @@ import time
 
 import numpy as np
 
-from .common import (add_data_args, command_line, int_list, load_data_from_args, load_held_out, model_options,
-                     name_list, new_run_dir, versions)
+from .common import (add_data_args, command_line, load_data_from_args, load_held_out, model_options, name_list,
+                     new_run_dir, timestep_list, versions)
 
 
 def register(subparsers) -> None:
@@ -36,7 +36,7 @@ def run(args) -> int:
     from ..sensitivity import field_similarity, locality_measures, parse_pixels, sensitivity_fields
 
     models = name_list(args.models, "--models")
-    timesteps = int_list(args.timesteps, "--timesteps")
+    timesteps = timestep_list(args.timesteps, "--timesteps")
     opts = model_options(args.opt, models)
     with new_run_dir(args.out) as tmp:
         t0 = time.perf_counter()

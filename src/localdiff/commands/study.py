@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from .common import command_line, int_list, load_held_out, model_options, name_list, new_run_dir, versions
+from .common import command_line, load_held_out, model_options, name_list, new_run_dir, timestep_list, versions
 
 
 def register(subparsers) -> None:
@@ -48,6 +48,9 @@ def register(subparsers) -> None:
                    help="fit the analytical models on a seeded subset of this many training images "
                         "(default: all; --quick: 5000)")
     g.add_argument("--data-seed", type=int, default=None, help="seed of that subset (default 0)")
+    g.add_argument("--max-data-bytes", metavar="SIZE", default=None,
+                   help="memory cap for the decoded images of --data, e.g. 8G (default: $LOCALDIFF_MAX_DATA_BYTES, "
+                        "else half of the machine's memory)")
     m = p.add_argument_group("models and sampling")
     m.add_argument("--models", default=None,
                    help="comma-separated analytical models, or 'all' (default on a CPU: wiener,optimal,nearest,"
@@ -99,7 +102,7 @@ def build_config(args, device):
         given["field_models"] = () if args.field_models.strip().lower() == "none" else \
             tuple(name_list(args.field_models, "--field-models"))
     if args.field_timesteps is not None:
-        given["field_timesteps"] = tuple(int_list(args.field_timesteps, "--field-timesteps"))
+        given["field_timesteps"] = tuple(timestep_list(args.field_timesteps, "--field-timesteps"))
     if args.pixels is not None:
         given["field_pixels"] = args.pixels
     given["unet"] = not args.no_unet
@@ -220,7 +223,7 @@ def run(args) -> int:
     out = Path(args.out) if args.out else default_out(source)
     t0 = time.perf_counter()
     with new_run_dir(out) as tmp:
-        load = {"resolution": args.resolution, "channels": args.channels}
+        load = {"resolution": args.resolution, "channels": args.channels, "max_bytes": args.max_data_bytes}
         data = load_dataset(source, split=args.split, **load)
         held_out = load_held_out(lambda s: load_dataset(source, split=s, **load), args.held_out_split,
                                  "for the fields and the memorisation yardstick")

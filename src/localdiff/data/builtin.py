@@ -59,7 +59,7 @@ def _mnist_uint8(x: np.ndarray, path: Path) -> np.ndarray:
 def _mnist_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
     """Decoded once per process: (train+valid images, labels, test images, labels, file path)."""
     path = mnist_pickle_path()
-    obj = load_pickle(path, encoding="latin1", gzipped=True, hint=f"reinstall {MNIST_WHEEL}")
+    obj = load_pickle(path, encoding="latin1", hint=f"reinstall {MNIST_WHEEL}")
     try:
         (tx, ty), (vx, vy), (sx, sy) = obj
     except (TypeError, ValueError) as e:

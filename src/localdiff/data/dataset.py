@@ -43,6 +43,8 @@ class ImageDataset:
             )
         if raw.shape[0] == 0:
             raise DataError(f"dataset '{self.name}' holds no images: check the path, split and subset options")
+        if min(raw.shape[1:]) == 0:
+            raise DataError(f"dataset '{self.name}': images of shape {tuple(raw.shape[1:])} hold no pixels")
         if raw.dtype == np.uint8:
             pass
         elif raw.dtype == np.float32:

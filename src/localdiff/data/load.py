@@ -13,6 +13,7 @@ from ..errors import ConfigError, DataError
 from .builtin import BUILTINS
 from .dataset import ImageDataset
 from .formats import ACCEPTED_PATHS, RESIZE_METHOD, SPLITS, RawData, read_path, resize_images
+from .limits import ReadLimits
 
 BUILTIN_DATASETS: dict[str, str] = {name: b.description for name, b in BUILTINS.items()}
 
@@ -28,6 +29,7 @@ def load_dataset(
     channels: int | None = None,
     subset: int | None = None,
     seed: int = 0,
+    max_bytes: int | str | None = None,
     **options,
 ) -> ImageDataset:
     """Load a built-in set (a name in ``BUILTIN_DATASETS``) or the images at a path.
@@ -43,12 +45,17 @@ def load_dataset(
     channels: 1 or 3; RGB -> gray by ITU-R BT.601 luma (rounded), gray -> RGB by repetition.
     subset: keep ``subset`` images chosen by ``ImageDataset.subset(subset, seed)``.
     seed: seeds the subset and the random built-ins (natural-patches).
+    max_bytes: memory cap for the decoded images of a path (an int, or "8G", "512M"); default
+        ``$LOCALDIFF_MAX_DATA_BYTES``, else half of the machine's memory. A file that declares more, or
+        compressed data that would expand more than 200-fold (above 64 MiB), is refused with a
+        DataError before anything is allocated. It does not enter the fingerprint.
     options: built-in specific (natural-patches: ``num``, crops per split).
 
     The returned dataset's ``meta`` records the source and every choice, so its fingerprint changes
     with any of them.
     """
     split = _check_options(split, resolution, channels, subset, seed)
+    limits = ReadLimits.resolve(max_bytes)
     builtin = _builtin_name(name_or_path)
     if builtin is not None:
         spec = BUILTINS[builtin]
@@ -67,7 +74,7 @@ def load_dataset(
             raise DataError(f"'{name_or_path}' is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) nor an "
                             f"existing file or directory.\n{ACCEPTED_PATHS}")
         path = path.resolve()
-        data = read_path(path, split, resolution=resolution, subset=subset, seed=seed)
+        data = read_path(path, split, resolution=resolution, subset=subset, seed=seed, limits=limits)
         name, source, seeded = path.stem if path.is_file() else path.name, str(path), False
     return _finish(data, name=name, source=source, split=split, resolution=resolution, channels=channels,
                    subset=subset, seed=seed, seeded=seeded)

@@ -12,6 +12,7 @@ import torch
 from ..device import resolve_device
 from ..diffusion import DEFAULT_SCHEDULE, Schedule
 from ..errors import ConfigError
+from ..finite import check_finite_input, check_finite_output
 from .options import check_config, parse_options
 from .training_set import ColumnBlocks, TrainingSet
 
@@ -90,7 +91,9 @@ class Denoiser:
             )
         if not x_t.is_floating_point():
             raise ConfigError(f"{self.name}: x_t must be a floating-point tensor, got {x_t.dtype}")
+        check_finite_input(self.name, x_t)
         out = self.denoise(x_t.to(self.device), t)
+        check_finite_output(self.name, out, x_t, t)
         return out.to(dtype=x_t.dtype, device=x_t.device)
 
     def denoise(self, x_t: torch.Tensor, t: int) -> torch.Tensor:  # pragma: no cover - interface

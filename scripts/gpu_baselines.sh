@@ -103,7 +103,7 @@ if [ "$SMOKE" = 1 ]; then
   STARTUP=1          # seconds between starting train-unet and its process's start (its budget counts from there)
   MIN_NET=20
   FIELDS_ARGS=(--rows 4 --rows-per-pass 4 --repeat 1)
-  MASKED_ARGS=(--num-train 300 --steps 2 --batch 2 --repeat 1 --rate-size 512)
+  MASKED_ARGS=(--num-train 1000 --steps 2 --batch 2 --repeat 1 --rate-size 512)
   TRAINBENCH_ARGS=(--steps 2 --warmup-steps 1 --rounds 1 --batch-size 4)
   COMPILE_ARGS=()    # torch.compile on a CPU takes minutes: the smoke leaves it out
 else

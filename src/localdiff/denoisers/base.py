@@ -62,13 +62,16 @@ class Denoiser:
     Subclasses implement :meth:`denoise` on a validated input (float tensor on ``self.device``, int t),
     declare their options as a ``Config`` dataclass and their guarantees as ``capabilities``;
     :func:`make_denoiser` builds them by name. A model that reads the data's statistics sets
-    ``uses_statistics`` and takes a precomputed ``spectrum=`` keyword.
+    ``uses_statistics`` and takes a precomputed ``spectrum=`` keyword. A model that merges the states of
+    the ranks of a torchrun job exactly sets ``merges_shards`` and is given this rank's shard of the
+    training set; any other is given the whole set, gathered on every rank.
     """
 
     name: ClassVar[str] = "denoiser"
     Config: ClassVar[type] = DenoiserConfig
     capabilities: Capabilities = Capabilities()
     uses_statistics: ClassVar[bool] = False
+    merges_shards: ClassVar[bool] = False
 
     def __init__(self, shape: tuple[int, int, int], config: Any, schedule: Schedule | None = None):
         self.shape = tuple(int(s) for s in shape)

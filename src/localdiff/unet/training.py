@@ -258,7 +258,7 @@ class UNetTrainer:
         finish, writes a checkpoint (when ``checkpoint_dir`` is set) and raises :class:`TrainingInterrupted`.
         ``callback(trainer)`` runs after every step.
         """
-        from tqdm.auto import tqdm
+        from ..distributed import tqdm
 
         if steps is None and budget_s is None and total_steps is None and self.total_steps is None:
             raise ConfigError("fit() needs steps, a time budget (budget_s), or both")

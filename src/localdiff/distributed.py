@@ -16,8 +16,9 @@ passes to each rank the gradient of its own slot.
 
 Failures: each collective waits at most the process group's timeout (``LOCALDIFF_DIST_TIMEOUT``
 seconds, default 1800) and one that fails (a rank stopped, the timeout passed, the ranks disagree on
-what they exchange) raises :class:`~localdiff.errors.DistributedError` naming this rank and the
-operation. The CLI prints it and exits non-zero, and torchrun then stops the other processes.
+what they exchange) raises :class:`~localdiff.errors.DistributedError` naming the operation and the
+cause; the CLI prints it with this rank's number and exits non-zero, and torchrun then stops the other
+processes.
 """
 
 from __future__ import annotations
@@ -162,10 +163,9 @@ def collective(what: str):
     except LocaldiffError:
         raise
     except RuntimeError as exc:  # torch.distributed's DistBackendError, DistNetworkError, gloo/NCCL errors
-        w = world()
         raise DistributedError(
-            f"{w.where()}: '{what}' with the other processes failed: another rank stopped (see its message) or "
-            f"did not arrive within {w.timeout_s:g} s (${TIMEOUT_ENV}); cause: {_first_line(exc)}") from exc
+            f"'{what}' with the other processes failed: another rank stopped (see its message) or did not arrive "
+            f"within {world().timeout_s:g} s (${TIMEOUT_ENV}); cause: {_first_line(exc)}") from exc
 
 
 # -- gathering states ---------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def gather(obj: Any) -> list:
     sig = torch.tensor([_signature(leaves), sum(v.numel() for v in leaves)], dtype=torch.int64, device=device)
     sigs = _all_gather(sig, "all_gather of the state's shapes").cpu()
     if not bool((sigs == sigs[0]).all()):
-        raise DistributedError(f"{w.where()}: the ranks hold states of different shapes (signatures "
+        raise DistributedError(f"the ranks hold states of different shapes (signatures "
                                f"{sigs[:, 0].tolist()}, sizes {sigs[:, 1].tolist()}); every rank must run the same "
                                "calls with the same options")
     per_rank: list[list[torch.Tensor | None]] = [[None] * len(leaves) for _ in range(w.size)]

@@ -23,4 +23,4 @@ class NumericsError(LocaldiffError, ArithmeticError):
 
 class DistributedError(LocaldiffError, RuntimeError):
     """A collective between the processes of a torchrun job failed (another rank stopped, or a timeout),
-    or the ranks disagree about what they exchange; the message names this rank and the operation."""
+    or the ranks disagree about what they exchange; the message names the operation and the cause."""

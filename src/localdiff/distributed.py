@@ -6,7 +6,7 @@ for CUDA tensors with one GPU per local rank. Everything else asks :func:`world`
 of one process and never touches torch.distributed.
 
 The ranks exchange the mergeable states of docs/DESIGN.md §8. :func:`gather` collects one state per rank
-(any nesting of dataclasses, lists, tuples, tensors and numbers; one collective per dtype, after a check
+(any nesting of dataclasses, dicts, lists, tuples, tensors and numbers; one collective per dtype, after a check
 that every rank sends the same shapes), and :func:`merge_ranks` folds them in rank order with the
 state's own ``merge``, the merge used between blocks and worker threads inside a process, so every
 rank ends with the same state and the result differs from one process's only by float round-off.
@@ -181,6 +181,8 @@ def _map(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor], device) -> Any:
         return type(obj)(fn(torch.tensor(obj, dtype=dtype, device=device)).item())
     if isinstance(obj, (list, tuple)):
         return type(obj)(_map(v, fn, device) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _map(v, fn, device) for k, v in obj.items()}
     if dataclasses.is_dataclass(obj):
         return dataclasses.replace(obj, **{f.name: _map(getattr(obj, f.name), fn, device)
                                            for f in dataclasses.fields(obj) if f.init})

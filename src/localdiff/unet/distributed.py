@@ -44,7 +44,9 @@ class DistributedTrainer(UNetTrainer):
             raise ConfigError("DistributedTrainer needs a torchrun job of more than one process; use UNetTrainer")
         super().__init__(data, model_config, train_config, DEFAULT_SCHEDULE if schedule is None else schedule)
         self.rank, self.world_size = w.rank, w.size
-        ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] if self.cuda else None
+        ids = None
+        if self.cuda:  # this process's GPU
+            ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
         with collective("DistributedDataParallel's start (it checks the ranks' parameters)"):
             ddp = DistributedDataParallel(self.model, device_ids=ids)
         self.forward = torch.compile(ddp) if self.config.compile else ddp

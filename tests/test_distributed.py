@@ -251,3 +251,19 @@ def test_experiment_refuses_to_run_under_torchrun(monkeypatch, capsys, tmp_path)
     assert main(["experiment", "locality-follows-data", "--quick", "--out", str(tmp_path / "x")]) == 2
     assert "runs in one process" in capsys.readouterr().err
     assert distributed.world().size == 1  # left as it was found: the CLI leaves the job it joined
+
+
+def test_which_models_take_shards_is_declared_per_class():
+    """A model merges over the ranks only where its own class says so; a subclass (say, a new masked
+    variant) is given the whole training set until it declares that it merges too."""
+    from localdiff.denoisers import REGISTRY
+    from localdiff.denoisers.masked import MaskedDenoiser
+
+    taking = {n for n, cls in REGISTRY.items() if cls.takes_shards()}
+    assert taking >= {"wiener", "optimal", "nearest", "masked", "ls", "els", "els-boundary", "pspc", "scfdm", "unet"}
+    assert "linear" not in taking
+
+    class Variant(MaskedDenoiser):
+        pass
+
+    assert MaskedDenoiser.takes_shards() and not Variant.takes_shards()

@@ -37,7 +37,7 @@ def make_denoiser(name: str, data=None, *, schedule: Schedule = DEFAULT_SCHEDULE
     config = parse_options(cls.Config, options, model=name)
     if data is None:
         raise ConfigError(f"model '{name}' needs a dataset: make_denoiser('{name}', load_dataset(...))")
-    if shard_of(data) is not None and not cls.merges_shards:  # a torchrun job: this model needs every image
+    if shard_of(data) is not None and not cls.takes_shards():  # a torchrun job: this model needs every image
         warnings.warn(f"model '{name}' does not merge the states of the processes: each of them builds it on the "
                       "whole training set, gathered from the shards", RuntimeWarning, stacklevel=2)
         data = data.gathered()

@@ -96,6 +96,7 @@ class LSDenoiser(PatchDenoiser):
 
     Config = LSConfig
     capabilities = Capabilities(slow_autograd=True, single_image_exact=True)
+    merges_shards = True
 
     def max_patch_size(self) -> int:
         L = max(self.shape[1:])
@@ -314,6 +315,7 @@ class ELSDenoiser(_EquivariantBase):
     """
 
     Config = ELSConfig
+    merges_shards = True
 
     def max_patch_size(self) -> int:
         L = min(self.shape[1:])
@@ -356,6 +358,7 @@ class BoundaryELSDenoiser(_EquivariantBase):
     """
 
     Config = BoundaryELSConfig
+    merges_shards = True
 
     def _edge_families(self, size: int, device) -> list[_Family]:
         C, H, W = self.shape

@@ -148,7 +148,6 @@ class PatchDenoiser(Denoiser):
 
     Config: ClassVar[type] = PatchConfig
     odd_only: ClassVar[bool] = True
-    merges_shards: ClassVar[bool] = True  # every patch model here merges its softmax states over the ranks
 
     def __init__(self, data, config: PatchConfig, schedule=None):
         super().__init__(data.shape, config, schedule)

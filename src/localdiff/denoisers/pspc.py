@@ -35,6 +35,7 @@ class PSPCDenoiser(PatchDenoiser):
     Config = PSPCConfig
     capabilities = Capabilities(slow_autograd=True, single_image_exact=True)
     odd_only = False
+    merges_shards = True
 
     def max_patch_size(self) -> int:
         return max(self.shape[1:])

@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .diffusion import DEFAULT_SCHEDULE, Schedule
+from .distributed import tqdm
 from .errors import ConfigError
 
 

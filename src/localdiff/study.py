@@ -20,11 +20,12 @@ from typing import Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from .data.shards import total_images
 from .denoisers import REGISTRY, Capabilities, available_models, make_denoiser
 from .device import resolve_device
 from .diffusion import DEFAULT_SCHEDULE, Trajectory, initial_noise, sample, timesteps_for
+from .distributed import tqdm
 from .errors import ConfigError
 from .metrics import (
     MODES,
@@ -356,7 +357,7 @@ def run_study(data, held_out, config: StudyConfig = StudyConfig(), *, options: d
     if tuple(held_out.shape) != tuple(data.shape):
         raise ConfigError(f"held-out images have shape {held_out.shape}, the training set {data.shape}")
     fit_data = data
-    if config.subset is not None and config.subset < len(data):
+    if config.subset is not None and config.subset < total_images(data):  # data may be a rank's shard
         fit_data = data.subset(config.subset, seed=config.data_seed)
     field_skipped: dict[str, str] = {}
     spectrum = None  # the training set's statistics, computed after the U-Net is built (below)

@@ -186,7 +186,8 @@ def write_results(results, data, tmp: Path, *, command: str) -> dict:
     pairs = {}
     for n, r in runs.items():
         idx = r.nearest.index[:8].tolist()
-        pairs[n] = (r.samples[:8], torch.stack([data[i] for i in idx]))
+        near = r.nearest.image  # the images themselves: in a torchrun job another rank may hold them
+        pairs[n] = (r.samples[:8], near[:8] if near is not None else torch.stack([data[i] for i in idx]))
     figures["nearest_pairs"] = plot_nearest_pairs(pairs)
     figures["spectrum"] = plot_spectrum(results.eigvals)
     images = {}
@@ -218,6 +219,7 @@ def summary_line(results, out: Path, seconds: float) -> str:
 
 def run(args) -> int:
     from ..data import load_dataset
+    from ..data.shards import shard_dataset
     from ..device import resolve_device
     from ..study import REFERENCE, ReferenceUnavailable, run_study
 
@@ -238,7 +240,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     with new_run_dir(out) as tmp:
         load = {"resolution": args.resolution, "channels": args.channels, "max_bytes": args.max_data_bytes}
-        data = load_dataset(source, split=args.split, **load)
+        data = shard_dataset(load_dataset(source, split=args.split, **load))  # a torchrun job: this rank's shard
         held_out = load_held_out(lambda s: load_dataset(source, split=s, **load), args.held_out_split,
                                  "for the fields and the memorisation yardstick")
         try:

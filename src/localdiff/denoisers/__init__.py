@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+
+from ..data.shards import shard_of
 from ..diffusion import DEFAULT_SCHEDULE, Schedule
 from ..errors import ConfigError
 from .base import REGISTRY, Capabilities, Denoiser, parse_options, register
@@ -41,6 +44,10 @@ def make_denoiser(name: str, data=None, *, schedule: Schedule = DEFAULT_SCHEDULE
     from ..data import as_dataset
 
     data = as_dataset(data, what=f"the data of model '{name}'")
+    if shard_of(data) is not None and not cls.takes_shards():  # a torchrun job: this model needs every image
+        warnings.warn(f"model '{name}' does not merge the states of the processes: each of them builds it on the "
+                      "whole training set, gathered from the shards", RuntimeWarning, stacklevel=2)
+        data = data.gathered()
     if spectrum is None or not cls.uses_statistics:
         return cls(data, config, schedule)
     fingerprint = getattr(data, "fingerprint", "")

@@ -226,6 +226,7 @@ class UNetDenoiser(Denoiser):
 
     Config = UNetDenoiserConfig
     capabilities = Capabilities(trained=True)
+    merges_shards = True  # it reads no training images (only their shape and the dataset's name)
 
     def __init__(self, data, config: UNetDenoiserConfig, schedule=None):
         super().__init__(data.shape, config, schedule)

@@ -194,7 +194,8 @@ def test_cli_sample_under_torchrun_equals_a_plain_run(cli_data, tmp_path, monkey
     plain, two = np.load(tmp_path / "plain" / "samples.npy"), np.load(tmp_path / "two" / "samples.npy")
     assert np.abs(plain - two).max() <= 1e-4
     run = json.loads((tmp_path / "two" / "run.json").read_text())
-    assert run["world_size"] == 2 and run["distributed"]["shards"] == [[0, 20], [20, 40]]
+    # 40 images in a bare .npz: every 10th is held out, so the training split has 36, halved
+    assert run["world_size"] == 2 and run["distributed"]["shards"] == [[0, 18], [18, 36]]
     assert run["dataset"]["fingerprint"] == json.loads((tmp_path / "plain" / "run.json").read_text())[
         "dataset"]["fingerprint"]
     assert json.loads((tmp_path / "plain" / "run.json").read_text())["world_size"] == 1

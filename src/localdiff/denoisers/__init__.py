@@ -10,6 +10,8 @@ from .base import REGISTRY, Capabilities, Denoiser, parse_options, register
 from . import wiener  # noqa: F401,E402  (registers wiener)
 from . import empirical  # noqa: F401,E402  (registers optimal, nearest)
 from . import masked  # noqa: F401,E402  (registers masked)
+from . import masked_soft  # noqa: F401,E402  (registers masked-soft)
+from . import masked_equivariant  # noqa: F401,E402  (registers masked-equivariant)
 from . import local_score  # noqa: F401,E402  (registers ls, els, els-boundary)
 from . import pspc  # noqa: F401,E402  (registers pspc)
 from . import scfdm  # noqa: F401,E402  (registers scfdm)

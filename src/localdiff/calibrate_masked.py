@@ -21,8 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .denoisers import make_denoiser
-from .denoisers.masked import MaskedDenoiser
+from .denoisers import REGISTRY, make_denoiser
 from .denoisers.masked_schedule import SCHEDULE_FORMAT, check_tau, check_temperature
 from .diffusion import DEFAULT_SCHEDULE, Schedule, timesteps_for
 from .errors import ConfigError
@@ -93,6 +92,9 @@ def calibrate_masked(
     Returns the schedule document (see :mod:`localdiff.denoisers.masked_schedule`) with every
     candidate's MSE and its standard error.
     """
+    if not hasattr(REGISTRY.get(model_name), "tau_at"):
+        raise ConfigError(f"model '{model_name}' has no mask threshold to calibrate; use masked, masked-soft or "
+                          "masked-equivariant")
     options = {k: v for k, v in (model_options or {}).items() if k not in ("tau", "temperature", "tau_schedule")}
     taus = sorted({check_tau(float(v), "a calibration tau") for v in taus})
     temperatures = sorted({check_temperature(float(v), "a calibration temperature") for v in temperatures})
@@ -116,9 +118,6 @@ def calibrate_masked(
     for tau in taus:
         for temp in temperatures:
             den = make_denoiser(model_name, data, spectrum=spectrum, tau=tau, temperature=temp, **options)
-            if not isinstance(den, MaskedDenoiser) and not hasattr(den, "tau_at"):
-                raise ConfigError(f"model '{model_name}' has no mask threshold to calibrate; use masked, "
-                                  "masked-soft or masked-equivariant")
             settings = settings or {k: v for k, v in den.settings().items()
                                     if k not in ("tau", "temperature", "tau_rule", "tau_schedule_params")}
             for t in timesteps:

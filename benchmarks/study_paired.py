@@ -7,7 +7,9 @@ metrics.json), averages it over the steps per sample, and compares every model w
 the same initial noise by `localdiff.paired.compare` (mean difference, 95% t-interval, wins). Runs
 made separately with the same seed, dataset and U-Net start from the same noise and can be pooled.
 
-    python benchmarks/study_paired.py runs/study/mnist-a runs/study/mnist-b --unet DIR --baseline masked
+    python benchmarks/study_paired.py runs/study/mnist-a runs/study/mnist-b:+cal --unet DIR --baseline masked
+
+``RUN:SUFFIX`` appends SUFFIX to the names of that run's models (the same model with other options).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def single_step_r2(run: Path, name: str, unet, timesteps: list[int]) -> np.ndarr
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("runs", nargs="+", help="study run directories, each optionally RUN:SUFFIX")
     p.add_argument("--unet", default=None, help="the U-Net of the runs (default: the dataset's shipped one)")
     p.add_argument("--baseline", default="masked")
     p.add_argument("--json", type=Path, default=None, help="also write the comparisons here")
@@ -46,27 +48,34 @@ def main() -> None:
     from localdiff import load_dataset, make_denoiser
     from localdiff.paired import compare
 
-    final, single, seconds, noise = {}, {}, {}, None
+    final, single, seconds, cosines, noise = {}, {}, {}, {}, None
     unet = None
-    for run in args.runs:
+    for spec in args.runs:
+        path, _, suffix = spec.partition(":")
+        run = Path(path)
         m = json.loads((run / "metrics.json").read_text())
         z = np.load(run / "samples.npz")
         if noise is None:
             noise = z["init_noise"]
         elif not np.array_equal(noise, z["init_noise"]):
             raise SystemExit(f"{run} starts from other noise than {args.runs[0]}")
+        if m["config"]["num"] != len(noise):
+            raise SystemExit(f"{run}: {m['config']['num']} samples, the first run {len(noise)}")
         if unet is None:
             data = load_dataset(m["dataset"]["name"], split="train")
             unet = make_denoiser("unet", data, device="cpu", **({"path": args.unet} if args.unet else {}))
-        for name, entry in m["models"].items():
-            if name == "unet" or "final" not in entry or name in final:
+        for model, entry in m["models"].items():
+            name = model + suffix
+            if model == "unet" or "final" not in entry or name in final:
                 continue
             final[name] = np.asarray(entry["final"]["r2_per_sample"])
-            r2 = single_step_r2(run, name, unet, m["timesteps"])
+            r2 = single_step_r2(run, model, unet, m["timesteps"])
             stored = [entry["steps"][str(t)]["single_step"]["r2"] for t in m["timesteps"]]
-            assert np.allclose(r2.mean(1), stored, atol=1e-4), f"{run}/{name}: single-step R² differs from metrics.json"
+            assert np.allclose(r2.mean(1), stored, atol=1e-4), f"{run}/{model}: single-step R² differs from metrics.json"
             single[name] = r2.mean(0)
             seconds[name] = entry["seconds"].get("sample", float("nan")) / len(final[name])
+            if entry.get("fields", {}).get("cosine_to_unet"):
+                cosines[name] = entry["fields"]["cosine_to_unet"]
     rows, out = [], {}
     print("| model | final R² (mean ± SE) | single-step R² (mean over steps) | s / sample |")
     print("| --- | --- | --- | --- |")
@@ -87,6 +96,13 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
         out[name] = {"final_r2": cf.to_dict(), "single_step_r2": cs.to_dict()}
         rows.append(name)
+    if cosines:
+        ts = list(next(iter(cosines.values())))
+        print("\nCosine of each model's sensitivity field with the U-Net's (mean over the field pixels):\n")
+        print("| model | " + " | ".join(f"t={t}" for t in ts) + " |")
+        print("| --- |" + " --- |" * len(ts))
+        for name, c in cosines.items():
+            print(f"| {name} | " + " | ".join(f"{c[t]:.3f}" for t in ts) + " |")
     if args.json:
         args.json.write_text(json.dumps({"baseline": args.baseline, "runs": [str(r) for r in args.runs],
                                          "comparisons": out}, indent=1))

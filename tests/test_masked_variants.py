@@ -259,3 +259,56 @@ def test_equivariant_banks_are_kept_and_reused(tmp_cache):
     none = make_denoiser("masked-equivariant", data, device="cpu", tau=0.1, bank_mb=0)
     torch.testing.assert_close(none(x, 500), first, atol=1e-6, rtol=0)
     assert not none._banks
+
+
+# ------------------------------------------------------------------------------------------------
+# masked-quadratic
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("t", [800, 300, 50])
+def test_quadratic_fit_equals_least_squares_over_exact_gaussian_quadrature(t, tmp_cache):
+    """The closed-form moments (Isserlis) against a plain weighted least-squares fit of the Wiener residual
+    over every training image and a Gauss-Hermite rule in the neighbourhood's noise (exact for these
+    polynomial degrees); the noise outside the neighbourhood is uncorrelated with the features."""
+    data = smooth_images(12, 4, 0, constant_border=False)
+    y = data.tensor(dtype=torch.float64).reshape(len(data), -1).numpy()
+    k = 3
+    den = make_denoiser("masked-quadratic", data, device="cpu", k=k, ridge=0.0)
+    a, b2 = S.a(t), S.b2(t)
+    s = np.sqrt(b2)
+    mu = y.mean(0)
+    lam, U = np.linalg.eigh(np.cov(y, rowvar=False, bias=True))
+    J = (U * (a * np.clip(lam, 0, None) / (a * a * np.clip(lam, 0, None) + b2))) @ U.T
+    nodes, wts = np.polynomial.hermite_e.hermegauss(5)
+    wts = wts / wts.sum()
+    upper = np.triu_indices(k)
+    beta = den.coefficients(t).numpy()
+    for i in range(16):
+        N = den.nbhd[i].numpy()
+        X, r, W = [], [], []
+        for yk in y:
+            u, w = a * (yk - mu)[N], (yk - mu)[i] - a * J[i] @ (yk - mu)
+            for idx in itertools.product(range(5), repeat=k):
+                z = u + s * nodes[list(idx)]
+                X.append(np.concatenate([[1.0], z, np.outer(z, z)[upper]]))
+                r.append(w - s * J[i, N] @ nodes[list(idx)])
+                W.append(np.prod(wts[list(idx)]))
+        X, r, W = np.array(X), np.array(r), np.array(W)
+        sol = np.linalg.solve((X * W[:, None]).T @ X, (X * W[:, None]).T @ r)
+        np.testing.assert_allclose(beta[i], sol, atol=1e-9 * max(1.0, np.abs(sol).max()), rtol=1e-6)
+
+
+def test_quadratic_is_wiener_plus_the_correction_and_beats_it_on_its_training_set(tmp_cache):
+    data = smooth_images(60, 6, 3, constant_border=False)
+    quad = make_denoiser("masked-quadratic", data, device="cpu", k=4)
+    wiener = make_denoiser("wiener", data, device="cpu")
+    x0 = data.tensor(dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    for t in (700, 200):
+        noise = torch.randn((20, *x0.shape), generator=g, dtype=torch.float64)
+        x_t = S.q_sample(x0.expand(20, *x0.shape).reshape(-1, *x0.shape[1:]), t, noise.reshape(-1, *x0.shape[1:]))
+        target = x0.repeat(20, 1, 1, 1)
+        err_q = float(((quad(x_t, t) - target) ** 2).mean())
+        err_w = float(((wiener(x_t, t) - target) ** 2).mean())
+        assert err_q <= err_w  # beta = 0 is Wiener: the fitted correction cannot be worse (up to sampling)
+        assert quad.coefficients(t).shape == (36, 1 + 4 + 10)

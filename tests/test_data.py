@@ -269,8 +269,26 @@ def test_image_folder_sizes_crop_and_split_errors(tmp_path):
     ds = load_dataset(tmp_path, resolution=4)
     np.testing.assert_array_equal(ds.raw[0, 0], a[:, 1:5])  # center crop, no resampling needed
     assert ds.meta["resolution"] == 4 and "center-crop" in ds.meta["resize"]
-    with pytest.raises(DataError, match=r"split 'test' needs train/ and test/"):
-        load_dataset(tmp_path, split="test", resolution=4)
+    with pytest.raises(DataError, match=r"2 image\(s\) leave none for split 'test'.*every 10th image"):
+        load_dataset(tmp_path, split="test", resolution=4)  # too few images to hold any out
+
+
+def test_sources_without_a_split_hold_out_every_tenth_image(tmp_path):
+    """A plain folder and an .npz: disjoint, deterministic train/test, recorded in meta; 'all' is everything."""
+    x = np.random.default_rng(0).integers(0, 256, (25, 4, 4)).astype(np.uint8)
+    x[:, 0, 0] = np.arange(25)  # image k is identifiable by its first pixel
+    np.savez(tmp_path / "x.npz", images=x)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for k in range(25):
+        save_png(folder / f"{k:02d}.png", x[k])
+    for src in (tmp_path / "x.npz", folder):
+        train, test, every = (load_dataset(src, split=s) for s in ("train", "test", "all"))
+        assert [int(v) for v in test.raw[:, 0, 0, 0]] == [x[k, 0, 0] for k in (9, 19)]
+        assert len(train) == 23 and len(every) == 25
+        assert not set(train.raw[:, 0, 0, 0].tolist()) & set(test.raw[:, 0, 0, 0].tolist())
+        assert test.meta["held_out_share"] == pytest.approx(2 / 25) and "every 10th" in test.meta["split_rule"]
+        assert train.fingerprint != test.fingerprint != every.fingerprint
 
 
 def test_image_folder_corrupt_files(tmp_path):

@@ -98,9 +98,10 @@ def test_quick_study_writes_every_number_keyed_by_model_step_and_mode(quick_run)
         assert len(final["r2_per_sample"]) == 4 and np.mean(final["r2_per_sample"]) == pytest.approx(final["r2"])
     table = {row["model"]: row for row in m["table"]}
     best = max(ANALYTICAL, key=lambda n: table[n]["final_r2"])
-    assert m["closest_to_unet"]["model"] == best
+    assert m["closest_to_unet"]["best_mean"] == best
+    assert m["closest_to_unet"]["model"] == m["headline"]["closest"]
     line = quick_run["stdout"].strip().splitlines()[-1]
-    assert line.startswith(f"study: closest to the U-Net is {best} ") and "report.html" in line
+    assert line.startswith(f"study: {m['headline']['sentence']} over 4 samples") and "report.html" in line
     for f in ["metrics.json", "report.html", "samples.npz", "fields.npz", "r2_per_step.png", "mse_per_step.png",
               "final_r2.png", "samples.png", "fields.png", "nearest_distances.png", "nearest_pairs.png",
               "spectrum.png", *[f"grid_{n}.png" for n in ["unet", *ANALYTICAL]]]:
@@ -145,6 +146,69 @@ def test_quick_study_r2_recomputed_independently(quick_run):
             ref = unet(torch.from_numpy(arrays[f"{name}/xt"][s]), t).numpy()
         assert m["models"][name]["steps"][str(t)]["single_step"]["r2"] == pytest.approx(
             r2(arrays[f"{name}/x0_hat"][s], ref), rel=1e-5, abs=1e-6)
+
+
+def _recomputed(arrays, metric: str, name: str) -> np.ndarray:
+    """Per-sample values of a study metric from samples.npz alone (numpy, the official R² definition)."""
+    def r2(x, y):
+        x, y = x.reshape(len(x), -1).astype(np.float64), y.reshape(len(y), -1).astype(np.float64)
+        return 1 - ((x - y) ** 2).sum(1) / ((y - y.mean(1, keepdims=True)) ** 2).sum(1)
+
+    if metric == "final_r2":
+        return r2(arrays[f"{name}/samples"], arrays["unet/samples"])
+    if metric == "final_mse":
+        x, y = arrays[f"{name}/samples"], arrays["unet/samples"]
+        return ((x.astype(np.float64) - y.astype(np.float64)) ** 2).reshape(len(x), -1).mean(1)
+    steps = arrays[f"{name}/x0_hat"]  # [S, N, ...] against the U-Net on the model's own x_t
+    return np.mean([r2(steps[s], arrays[f"{name}/unet_single_step"][s]) for s in range(len(steps))], axis=0)
+
+
+def test_paired_comparisons_are_recomputable_from_samples_npz(quick_run):
+    """Every recorded paired difference, interval and win count, from samples.npz and scipy's paired t-test;
+    and the headline rule: a closest model only when every interval of the best excludes 0."""
+    from scipy import stats
+
+    m = quick_run["metrics"]
+    arrays = np.load(quick_run["out"] / "samples.npz")
+    lower = {"final_r2": False, "single_step_r2": False, "final_mse": True}
+    assert set(m["comparisons"]) == set(lower)
+    for metric, records in m["comparisons"].items():
+        values = {n: _recomputed(arrays, metric, n) for n in ANALYTICAL}
+        means = {n: v.mean() for n, v in values.items()}
+        best = (min if lower[metric] else max)(means, key=means.get)
+        assert {r["b"] for r in records} == set(ANALYTICAL) - {best} and all(r["a"] == best for r in records)
+        for r in records:
+            d = values[r["a"]] - values[r["b"]]
+            assert r["n"] == 4 and r["mean_diff"] == pytest.approx(d.mean(), rel=1e-6, abs=1e-9)
+            assert r["wins_a"] == int((d < 0).sum() if lower[metric] else (d > 0).sum())
+            ci = stats.ttest_rel(values[r["a"]], values[r["b"]]).confidence_interval(0.95)
+            assert r["ci95"] == pytest.approx([ci.low, ci.high], rel=1e-5, abs=1e-9)
+    head, recs = m["headline"], m["comparisons"]["final_r2"]
+    separable = all(r["ci95"][0] > 0 for r in recs)
+    if separable:
+        assert head["closest"] == recs[0]["a"] and head["tied"] == []
+    else:
+        assert head["closest"] is None
+        assert head["tied"] == [recs[0]["a"]] + [r["b"] for r in recs if not r["ci95"][0] > 0]
+    html = (quick_run["out"] / "report.html").read_text()
+    assert "Paired comparisons" in html and "95% interval" in html
+
+
+def test_reference_quality_is_shown_with_paired_differences(quick_run):
+    """The U-Net's held-out MSE beside wiener's and optimal's at every studied timestep; the tiny random
+    U-Net is far worse than Wiener, and the report and the CLI say so."""
+    m = quick_run["metrics"]
+    q = m["reference_quality"]
+    assert q["num_images"] == 16 and q["timesteps"] == STEPS
+    for t in map(str, STEPS):
+        for other in ("wiener", "optimal"):
+            c = q["unet_minus"][other][t]
+            assert c["mean_diff"] == pytest.approx(q["mse"]["unet"][t]["mse"] - q["mse"][other][t]["mse"], abs=1e-9)
+    assert q["worse_than_wiener"] and set(q["worse_than_wiener"]) <= set(STEPS)
+    assert all(q["unet_minus"]["wiener"][str(t)]["ci95"][0] > 0 for t in q["worse_than_wiener"])
+    assert any("worse than Wiener" in w for w in m["warnings"])
+    html = (quick_run["out"] / "report.html").read_text()
+    assert "How good is the reference?" in html and "Warning: the reference U-Net" in html
 
 
 def test_quick_study_memorisation_and_fields(quick_run):
@@ -263,7 +327,11 @@ def test_no_unet_skips_comparisons_and_says_so(toy, tmp_path, tmp_cache, one_thr
     assert m["timesteps"] == [750, 500, 250, 0]
     html = (runs[0] / "report.html").read_text()
     assert "No U-Net was used" in html and "R² and MSE against the U-Net were not computed" in html
+    assert "final R² vs U-Net" not in html and "cosine with U-Net" not in html  # no empty U-Net columns
+    assert "behaves like the U-Net" not in html and "How good is the reference" not in html
     assert not (runs[0] / "r2_per_step.png").exists()
+    assert any("held-out images come from the training split" in w for w in m["warnings"])
+    assert "held-out images come from the training split" in err and "held-out images come from" in html
     assert "no U-Net (--no-unet)" in stdout.strip().splitlines()[-1]
     rc, _, err = run_cli(argv)  # a second run never reuses the first directory
     assert rc == 0, err
@@ -277,7 +345,7 @@ def test_toy_study_with_every_cpu_model(toy, tmp_path, tmp_cache, one_thread):
     rc, _, err = run_cli(["study", "--data", str(toy), "--unet", str(unet), "--num", "3", "--out", str(out), *TOY])
     assert rc == 0, err
     m = json.loads((out / "metrics.json").read_text())
-    assert m["fitted_on"]["num_images"] == 40  # a subset larger than the set is the whole set
+    assert m["fitted_on"]["num_images"] == 36  # the npz's training split (every 10th image held out) in full
     assert [r["model"] for r in m["table"]] == ["unet", *ANALYTICAL]
     assert all(len(m["models"][n]["final"]["r2_per_sample"]) == 3 for n in ANALYTICAL)
 
@@ -311,3 +379,41 @@ def test_bad_arguments(toy, tmp_path, argv, msg):
     rc, _, err = run_cli(["study", "--data", str(toy), "--out", str(tmp_path / "o"), *TOY, *argv])
     assert rc == 2 and msg in err, err
     assert not (tmp_path / "o").exists()
+
+
+# -- guard rails --------------------------------------------------------------------------------------
+
+def test_a_foreign_unet_is_refused_unless_allowed(tmp_path, tmp_cache, one_thread):
+    """The shipped MNIST network on Fashion-MNIST: exit 2 with a message naming both datasets and the flag."""
+    out = tmp_path / "run"
+    mnist_net = Path(__file__).resolve().parent.parent / "src" / "localdiff" / "weights" / "mnist"
+    argv = ["study", "--dataset", "fashion-mnist", "--unet", str(mnist_net), "--models", "wiener", "--num", "2",
+            "--steps", "2", "--subset", "2000", "--field-models", "none", "--held-out", "4", "--reference-check", "4",
+            "--device", "cpu", "--no-progress", "--out", str(out)]
+    rc, _, err = run_cli(argv)
+    assert rc == 2 and "trained on other data: mnist" in err and "fashion-mnist" in err
+    assert "--allow-foreign-unet" in err and not out.exists()
+    rc, _, err = run_cli([*argv, "--allow-foreign-unet"])
+    assert rc == 0, err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["models"]["unet"]["settings"]["data_match"] == "foreign"
+    assert any("trained on other data" in w for w in m["warnings"]) and "trained on other data" in err
+
+
+def test_a_plain_image_folder_is_split_and_studied_without_a_unet(tmp_path, tmp_cache, one_thread):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "my_images"
+    folder.mkdir()
+    base = rng.integers(0, 256, (8, 8))
+    for i in range(30):
+        img = np.clip(0.6 * base + rng.integers(0, 100, (8, 8)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"img{i:02d}.png")
+    out = tmp_path / "run"
+    rc, stdout, err = run_cli(["study", "--data", str(folder), "--no-unet", "--models", "wiener,optimal",
+                               "--num", "2", "--steps", "3", "--field-timesteps", "500", "--field-draws", "2",
+                               "--device", "cpu", "--no-progress", "--out", str(out)])
+    assert rc == 0, err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["dataset"]["num_images"] == 27 and m["held_out"]["num_images"] == 3  # every 10th image held out
+    assert m["held_out"]["held_out_share"] == pytest.approx(0.1) and "every 10th image" in m["held_out"]["split_rule"]
+    assert not m["warnings"]  # disjoint splits: nothing to warn about

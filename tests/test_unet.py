@@ -300,7 +300,7 @@ def test_train_unet_command(tmp_path, capsys):
     npz = tmp_path / "tiny.npz"
     np.savez(npz, images=rng.integers(0, 256, (12, 8, 8)).astype(np.uint8))
     out = tmp_path / "run"
-    cmd = ["train-unet", "--data", str(npz), "--config", "small", "--steps", "3", "--out", str(out),
+    cmd = ["train-unet", "--data", str(npz), "--split", "all", "--config", "small", "--steps", "3", "--out", str(out),
            "--batch-size", "4", "--warmup", "2", "--checkpoint-every", "2", "--device", "cpu", "--no-progress"]
     assert main(cmd) == 0
     assert {"config.json", "diffusion_pytorch_model.safetensors", "localdiff_unet.json"} <= set(os.listdir(out))
@@ -322,7 +322,7 @@ def test_train_unet_command(tmp_path, capsys):
 
     assert main(cmd[:-1] + ["--lr", "0.5", "--no-progress", "--resume", str(out)]) == 2  # the recipe is fixed
     with pytest.warns(RuntimeWarning, match="re-fitted to 5 steps"):  # extending a cosine run re-fits its decay
-        assert main([*cmd[:5], "--steps", "5", *cmd[7:], "--resume", str(out)]) == 0  # continue in place
+        assert main([*cmd[:7], "--steps", "5", *cmd[9:], "--resume", str(out)]) == 0  # continue in place
     manifest = json.loads((out / "localdiff_unet.json").read_text())
     assert manifest["steps"] == 5 and len(manifest["commands"]) == 2
 
@@ -493,7 +493,7 @@ def test_train_unet_minutes_budget(tmp_path):
     np.savez(npz, images=rng.integers(0, 256, (12, 8, 8)).astype(np.uint8))
     out = tmp_path / "run"
     start = time.perf_counter()
-    assert main(["train-unet", "--data", str(npz), "--config", "small", "--minutes", "0.15", "--out", str(out),
+    assert main(["train-unet", "--data", str(npz), "--split", "all", "--config", "small", "--minutes", "0.15", "--out", str(out),
                  "--batch-size", "4", "--device", "cpu", "--no-progress"]) == 0
     wall = time.perf_counter() - start
     assert wall <= 9.0 + 1.5, wall  # the whole command inside its 9 s budget (a little slack for a busy machine)
@@ -553,7 +553,7 @@ def test_run_killed_before_its_first_checkpoint_does_not_block_a_rerun(tmp_path,
     np.savez(npz, images=np.random.default_rng(0).integers(0, 256, (12, 8, 8)).astype(np.uint8))
     out = tmp_path / "run"
     (out / "checkpoints" / ".step-0000001.pid999999999.x.partial").mkdir(parents=True)  # SIGKILL mid-write
-    cmd = ["train-unet", "--data", str(npz), "--config", "small", "--steps", "2", "--out", str(out),
+    cmd = ["train-unet", "--data", str(npz), "--split", "all", "--config", "small", "--steps", "2", "--out", str(out),
            "--batch-size", "4", "--device", "cpu", "--no-progress"]
     assert main([*cmd, "--resume", str(out)]) == 2
     assert "without --resume" in capsys.readouterr().err

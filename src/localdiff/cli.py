@@ -7,11 +7,14 @@ import importlib
 import os
 import sys
 import time
+import traceback
 import warnings
+from contextlib import contextmanager
 
-from .commands import COMMANDS
+from . import distributed
+from .commands import COMMANDS, SINGLE_PROCESS
 from .commands.common import Terminated, sigterm_raises
-from .errors import LocaldiffError
+from .errors import ConfigError, LocaldiffError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,26 +42,64 @@ def process_age_s() -> float:
         return 0.0
 
 
+@contextmanager
+def rank_output(w: distributed.World):
+    """Rank 0 (and a plain run) reports; the other ranks of a torchrun job print no results or warnings
+    (they run the same command), only their own errors, on stderr."""
+    if w.main:
+        yield
+        return
+    stdout, sys.stdout = sys.stdout, open(os.devnull, "w")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        sys.stdout.close()
+        sys.stdout = stdout
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one sub-command. From the command line (``argv`` None) its wall-clock budgets (``--minutes``)
-    count from the process's start, imports included; called with ``argv``, from this call."""
+    count from the process's start, imports included; called with ``argv``, from this call.
+
+    Started by torchrun (``torchrun --nproc-per-node P --no-python -- localdiff COMMAND ...``), every
+    process joins the job's process group first (:mod:`localdiff.distributed`); a process that fails
+    prints which rank it is and why, and exits non-zero, which makes torchrun stop the others."""
     started_at = time.perf_counter() - (process_age_s() if argv is None else 0.0)
     parser = build_parser()
     args = parser.parse_args(argv)
     args.started_at = started_at
     warnings.simplefilter("default", RuntimeWarning)
+    w, failed, who = distributed.world(), True, ""
     try:
         with sigterm_raises():  # SIGTERM cleans up like Ctrl-C
-            return int(args.func(args) or 0)
+            w = distributed.init_from_env()
+            who = f" on {w.where()}" if w.backend is not None else ""
+            with rank_output(w):
+                if w.active and args.command in SINGLE_PROCESS:
+                    raise ConfigError(f"{args.command} runs in one process ({SINGLE_PROCESS[args.command]}); "
+                                      "start it without torchrun")
+                code = int(args.func(args) or 0)
+            failed = code != 0
+            return code
     except LocaldiffError as exc:
-        print(f"localdiff {args.command}: error: {exc}", file=sys.stderr)
+        print(f"localdiff {args.command}: error{who}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"localdiff {args.command}: interrupted", file=sys.stderr)
+        print(f"localdiff {args.command}: interrupted{who}", file=sys.stderr)
         return 130
     except Terminated:
-        print(f"localdiff {args.command}: terminated", file=sys.stderr)
+        print(f"localdiff {args.command}: terminated{who}", file=sys.stderr)
         return 143
+    except Exception as exc:
+        if not who:  # a plain run: the usual traceback
+            raise
+        traceback.print_exc()
+        print(f"localdiff {args.command}: {w.where()} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.shutdown(failed=failed)
 
 
 if __name__ == "__main__":

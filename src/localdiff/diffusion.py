@@ -14,8 +14,8 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from .distributed import tqdm
 from .errors import ConfigError
 
 DenoiserFn = Callable[[torch.Tensor, int], torch.Tensor]

@@ -19,3 +19,8 @@ class CacheError(LocaldiffError):
 
 class NumericsError(LocaldiffError, ArithmeticError):
     """A computation returned NaN or Inf from finite inputs (named by the model that did it)."""
+
+
+class DistributedError(LocaldiffError, RuntimeError):
+    """A collective between the processes of a torchrun job failed (another rank stopped, or a timeout),
+    or the ranks disagree about what they exchange; the message names the operation and the cause."""

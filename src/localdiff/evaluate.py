@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .diffusion import DEFAULT_SCHEDULE, Schedule
+from .distributed import tqdm
 from .errors import ConfigError
 
 
@@ -27,6 +27,37 @@ def denoising_mse(denoisers: Mapping[str, object], images: torch.Tensor, timeste
     The noise is drawn once per (t, image) from ``generator`` on the CPU, so results do not depend on
     the device, the batch size or the order of the models.
     """
+    errors = denoising_errors(denoisers, images, timesteps, generator=generator, batch_size=batch_size,
+                              schedule=schedule, progress=progress)
+    return summarize_errors(errors)
+
+
+def summarize_errors(errors: Mapping[str, Mapping[int, torch.Tensor]]) -> dict[str, dict[int, dict[str, float]]]:
+    """Per-image errors ``{model: {t: [N]}}`` -> ``{model: {t: {"mse", "se", "num"}}}`` (mean, standard error)."""
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for name, per_t in errors.items():
+        out[name] = {}
+        for t, v in per_t.items():
+            n_img = v.numel()
+            se = float(v.std(unbiased=True) / n_img**0.5) if n_img > 1 else float("nan")
+            out[name][t] = {"mse": float(v.mean()), "se": se, "num": n_img}
+    return out
+
+
+def paired_mse_comparisons(errors: Mapping[str, Mapping[int, torch.Tensor]]) -> dict[int, tuple[list, dict]]:
+    """Per timestep, the model with the lowest mean error against every other model on the same noisy
+    images (:func:`localdiff.paired.best_against_rest`, lower is better)."""
+    from .paired import best_against_rest
+
+    timesteps = next(iter(errors.values())).keys() if errors else []
+    return {t: best_against_rest({m: errors[m][t].numpy() for m in errors}, f"mse_t{t}", lower_is_better=True)
+            for t in timesteps}
+
+
+def denoising_errors(denoisers: Mapping[str, object], images: torch.Tensor, timesteps: Sequence[int], *,
+                     generator: torch.Generator, batch_size: int = 64, schedule: Schedule = DEFAULT_SCHEDULE,
+                     progress: bool = True) -> dict[str, dict[int, torch.Tensor]]:
+    """Per-image per-pixel squared errors ``{model: {t: [N] float64}}`` (see :func:`denoising_mse`)."""
     if images.ndim != 4 or images.shape[0] < 1:
         raise ConfigError(f"held-out images must be a non-empty [N,C,H,W] tensor, got {tuple(images.shape)}")
     if batch_size < 1:
@@ -47,10 +78,4 @@ def denoising_mse(denoisers: Mapping[str, object], images: torch.Tensor, timeste
                 sq[name][t][sl] = (x0_hat - images[sl].double()).pow(2).flatten(1).mean(1)
             bar.update(x_t[sl].shape[0])
     bar.close()
-    out: dict[str, dict[int, dict[str, float]]] = {}
-    for name, per_t in sq.items():
-        out[name] = {}
-        for t, v in per_t.items():
-            se = float(v.std(unbiased=True) / n_img**0.5) if n_img > 1 else float("nan")
-            out[name][t] = {"mse": float(v.mean()), "se": se, "num": n_img}
-    return out
+    return sq

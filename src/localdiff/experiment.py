@@ -51,6 +51,7 @@ class ExperimentConfig:
     linear_steps: int | None = None  # its optimisation steps per timestep (None: its own default)
     seed: int = 0
     device: str = "auto"
+    allow_foreign_unet: bool = False  # accept a --unet SET=DIR whose manifest names other data
 
     def validate(self) -> None:
         if not self.sets:
@@ -137,6 +138,20 @@ def compare(fields: dict[str, Fields], cov: Fields) -> dict:
     return out
 
 
+def verdict(comparison: dict) -> dict:
+    """Is the U-Net's field closer to the Wiener field or to the blob? A paired comparison over the
+    (timestep, pixel) units of ``comparison`` (:func:`localdiff.paired.compare`): "Wiener" or "blob" only
+    when the 95% interval of cos(U-Net, Wiener) - cos(U-Net, blob) excludes 0, else "tied"."""
+    from .paired import compare
+
+    recs = [rec for per_t in comparison.values() for rec in per_t.values()]
+    c = compare([r["cos_wiener"] for r in recs], [r["cos_blob"] for r in recs], a="Wiener", b="blob",
+                metric="cosine with the U-Net's field")
+    closer = "Wiener" if c.a_better else "blob" if c.b_better else "tied"
+    return {"closer_to": closer, "comparison": c.to_dict(), "units": "timestep x pixel",
+            "text": f"{closer} ({c.interval_text('Δcos')} over {c.n} timestep-pixel pairs)"}
+
+
 def summarise(comparison: dict) -> dict:
     """Means over timesteps and pixels of every number in :func:`compare`'s output."""
     keys = {k for per_t in comparison.values() for rec in per_t.values() for k in rec}
@@ -186,7 +201,7 @@ def run_set(name: str, cfg: ExperimentConfig, unet_root: Path, *, unet_dir: str 
         target = unet_root / name
         info = _train_unet(train, cfg, target, label, progress)
         unet_dir = str(target)
-    unet = make_denoiser("unet", train, path=unet_dir, device=cfg.device)
+    unet = make_denoiser("unet", train, path=unet_dir, device=cfg.device, allow_foreign=cfg.allow_foreign_unet)
     info.update(unet.settings())
     wiener = make_denoiser("wiener", train, device=cfg.device)
     pixels = parse_pixels(cfg.pixels, train.shape)

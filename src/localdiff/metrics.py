@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from .data.dataset import _to_float
+from .data.shards import shard_of
+from .distributed import gather, tqdm
 from .errors import ConfigError
 
 MODES = ("own_trajectory", "single_step")
@@ -143,6 +144,7 @@ class NearestImages:
     distance: torch.Tensor  # [Q] float64
     index: torch.Tensor  # [Q] int64, index into the training set
     second: torch.Tensor  # [Q] float64 (inf when the training set holds one image)
+    image: torch.Tensor | None = None  # [Q, C, H, W] float32: the nearest training image itself
 
     @property
     def ratio(self) -> torch.Tensor:
@@ -162,7 +164,9 @@ def nearest_training_distances(queries, data, *, chunk: int = 4096, query_chunk:
     ``query_chunk``), so at most ``query_chunk x chunk`` squared distances exist at once. The
     candidates are found with ``||q||^2 + ||y||^2 - 2 q.y`` (float64); the two winners' distances are
     then recomputed directly as ``||q - y||``, so an exact copy has distance 0 (a float32 copy of a
-    uint8 image: about 1e-7, the float32 rounding of its values).
+    uint8 image: about 1e-7, the float32 rounding of its values). ``data`` may be a rank's shard: every
+    rank then finds its two nearest images per query and the ranks' winners are merged (exact distances,
+    ties to the lower index), so every rank gets the answer for the whole set.
     """
     q_all = _flat(queries)  # [Q, n]
     if q_all.shape[1] != data.dim:
@@ -174,7 +178,8 @@ def nearest_training_distances(queries, data, *, chunk: int = 4096, query_chunk:
     best_d = torch.full((Q, 2), float("inf"), dtype=torch.float64)
     best_i = torch.full((Q, 2), -1, dtype=torch.long)
     total = (len(data) + chunk - 1) // chunk
-    start = 0
+    shard = shard_of(data)
+    offset = start = shard.start if shard is not None else 0  # global index of this process's first image
     for y in tqdm(data.chunks(chunk, device=device, dtype=torch.float64, flat=True), total=total,
                   desc="nearest training image", unit="chunk", disable=not progress, leave=False):
         y_sq = (y * y).sum(dim=1)  # [k]
@@ -195,13 +200,20 @@ def nearest_training_distances(queries, data, *, chunk: int = 4096, query_chunk:
     for j in range(2):
         valid = best_i[:, j] >= 0
         if valid.any():
-            y = _to_float(data.raw[best_i[valid, j].numpy()], dtype=torch.float64).reshape(int(valid.sum()), -1)
-            exact[valid, j] = (q_all[valid] - y).norm(dim=1)
+            y = _to_float(data.raw[best_i[valid, j].numpy() - offset], dtype=torch.float64)
+            exact[valid, j] = (q_all[valid] - y.reshape(int(valid.sum()), -1)).norm(dim=1)
     # re-rank after the exact recomputation (ties of the expanded form may swap)
     swap = exact[:, 1] < exact[:, 0]
     exact[swap] = exact[swap].flip(1)
     best_i[swap] = best_i[swap].flip(1)
-    return NearestImages(distance=exact[:, 0], index=best_i[:, 0], second=exact[:, 1])
+    image = _to_float(data.raw[best_i[:, 0].clamp_min(offset).numpy() - offset])  # [Q, C, H, W]
+    if shard is not None:  # every rank's two winners, in rank (= index) order: the two nearest of all
+        parts = gather((exact, best_i, image))
+        exact, best_i = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)  # [Q, 2P]
+        order = torch.argsort(exact, dim=1, stable=True)[:, :2]
+        image = torch.stack([p[2] for p in parts], 1)[torch.arange(Q), order[:, 0] // 2]  # the winner's rank
+        exact, best_i = torch.gather(exact, 1, order), torch.gather(best_i, 1, order)
+    return NearestImages(distance=exact[:, 0], index=best_i[:, 0], second=exact[:, 1], image=image)
 
 
 __all__ = ["MODES", "r2_score", "mse", "StepComparison", "compare_steps", "own_trajectory_comparison",

@@ -18,8 +18,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from .distributed import tqdm
 from .errors import ConfigError
 
 Pixel = tuple[int, int]

@@ -1,7 +1,9 @@
 """Second-order statistics of a dataset: streaming mean/covariance, eigendecomposition, disk cache.
 
 Every streaming reduction is a mergeable partial state (``MomentState.merge``), so shards of the data
-can be reduced in separate processes and combined exactly (Chan et al.'s pairwise update).
+can be reduced in separate processes and combined exactly (Chan et al.'s pairwise update): in a torchrun
+job each rank reduces its shard and the states are merged over the ranks; rank 0 reads or writes the
+cache and eigendecomposes, and every rank receives its spectrum.
 Accumulation and eigendecomposition are float64. The covariance is the population one (divide by N):
 it is the covariance of the empirical training distribution, for which the Wiener filter is exactly
 the best linear denoiser.
@@ -18,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
+from .data.shards import shard_of
+from .distributed import broadcast_json, broadcast_tensors, is_main, merge_ranks, tqdm
 from .errors import CacheError
 from .fileio import write_bytes
 
@@ -69,13 +71,13 @@ class MomentState:
 
 def moments(data, *, device: str | torch.device = "cpu", chunk: int = 4096,
             progress: bool = True) -> MomentState:
-    """Stream the dataset once and return its MomentState."""
+    """Stream the dataset once and return its MomentState (of the whole set, when ``data`` is a shard)."""
     state = MomentState.empty(data.dim, device)
     total = (len(data) + chunk - 1) // chunk
     for x in tqdm(data.chunks(chunk, device=device, dtype=torch.float64, flat=True), total=total,
                   desc="covariance", unit="chunk", disable=not progress, leave=False):
         state = state.merge(MomentState.of(x))
-    return state
+    return merge_ranks(state, shard_of(data))
 
 
 @dataclass
@@ -178,25 +180,54 @@ def data_spectrum(data, *, device: str | torch.device = "cpu", cache: bool | str
 
     ``cache`` is True (default directory: $LOCALDIFF_CACHE or ~/.cache/localdiff), a directory, or
     False. A corrupt or mismatching cache file is reported with a warning, recomputed and replaced.
+    ``data`` may be a rank's shard of a torchrun job: every rank calls this; rank 0 tries the cache and
+    tells the others, on a miss every rank reduces its shard and rank 0 eigendecomposes the merged moments
+    (and writes the cache), and every rank receives rank 0's spectrum, so masks and filters agree everywhere.
     """
     fingerprint = data.fingerprint
     path = None
     if cache:
-        cache_dir = default_cache_dir() if cache is True else Path(cache)
-        path = _cache_path(cache_dir, fingerprint)
-        if path.exists():
+        path = _cache_path(default_cache_dir() if cache is True else Path(cache), fingerprint)
+    sharded = shard_of(data) is not None
+    spec = _cached(path, fingerprint) if is_main() or not sharded else None
+    if sharded:
+        hit = broadcast_json(spec is not None, "broadcast of the statistics cache's state")
+    else:
+        hit = spec is not None
+    if not hit:
+        state = moments(data, device=device, chunk=chunk, progress=progress)  # merged over the ranks
+        if is_main() or not sharded:
+            spec = eigendecompose(state.mean, state.covariance(), state.count, fingerprint)
+        if path is not None and is_main():  # in a torchrun job only rank 0 writes
             try:
-                return load_spectrum(path, fingerprint).to(device)
-            except CacheError as exc:
-                warnings.warn(f"{exc}; recomputing it", RuntimeWarning, stacklevel=2)
-    state = moments(data, device=device, chunk=chunk, progress=progress)
-    spec = eigendecompose(state.mean, state.covariance(), state.count, fingerprint)
-    if path is not None:
-        try:
-            save_spectrum(spec, path)
-        except OSError as exc:
-            warnings.warn(f"could not write the statistics cache {path}: {exc}", RuntimeWarning, stacklevel=2)
-    return spec
+                save_spectrum(spec, path)
+            except OSError as exc:
+                warnings.warn(f"could not write the statistics cache {path}: {exc}", RuntimeWarning, stacklevel=2)
+    if sharded:
+        spec = _broadcast_spectrum(spec, data.dim, fingerprint)
+    return spec.to(device)
+
+
+def _cached(path: Path | None, fingerprint: str) -> Spectrum | None:
+    """The spectrum in the cache file ``path`` if it is valid (a corrupt one is warned about)."""
+    if path is None or not path.exists():
+        return None
+    try:
+        return load_spectrum(path, fingerprint)
+    except CacheError as exc:
+        warnings.warn(f"{exc}; recomputing it", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _broadcast_spectrum(spec: Spectrum | None, n: int, fingerprint: str) -> Spectrum:
+    """Rank 0's spectrum on every rank (CPU, float64)."""
+    if spec is None:
+        spec = Spectrum(torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64),
+                        torch.empty(n, n, dtype=torch.float64), 0, fingerprint)
+    count = torch.tensor([spec.count], dtype=torch.int64)
+    tensors = [spec.mean.cpu().contiguous(), spec.eigvals.cpu().contiguous(), spec.eigvecs.cpu().contiguous(), count]
+    broadcast_tensors(tensors, "broadcast of the spectrum")
+    return Spectrum(*tensors[:3], int(count), fingerprint)
 
 
 def describe_spectrum(spec: Spectrum) -> dict:

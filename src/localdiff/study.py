@@ -20,11 +20,12 @@ from typing import Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from .data.shards import total_images
 from .denoisers import REGISTRY, Capabilities, available_models, make_denoiser
 from .device import resolve_device
 from .diffusion import DEFAULT_SCHEDULE, Trajectory, initial_noise, sample, timesteps_for
+from .distributed import tqdm
 from .errors import ConfigError
 from .metrics import (
     MODES,
@@ -43,6 +44,9 @@ from .sensitivity import (
 )
 
 REFERENCE = "unet"  # the trained network every analytical model is compared with
+# The compared metrics, and whether lower is better; the headline uses the first.
+METRICS = {"final_r2": False, "single_step_r2": False, "final_mse": True}
+METRIC_SYMBOLS = {"final_r2": "ΔR²", "single_step_r2": "Δ single-step R²", "final_mse": "ΔMSE"}
 
 
 def analytical_models() -> tuple[str, ...]:
@@ -89,6 +93,7 @@ class StudyConfig:
     field_draws: int = 8  # noisy held-out images per field timestep
     field_pixels: str = "center"  # output pixels of the fields ("center", "all" or "r,c;r,c")
     held_out: int = 64  # held-out images whose nearest-training distances are the yardstick
+    reference_check: int = 64  # held-out images on which the U-Net's denoising MSE is set beside wiener/optimal's
     device: str = "auto"
 
     def validate(self) -> None:
@@ -107,6 +112,8 @@ class StudyConfig:
                         ("held_out", self.held_out)):
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v}")
+        if not isinstance(self.reference_check, int) or self.reference_check < 0:
+            raise ConfigError(f"reference_check must be a non-negative integer, got {self.reference_check}")
         if self.subset is not None and self.subset < 1:
             raise ConfigError(f"subset must be a positive number of images, got {self.subset}")
         if self.batch_size is not None and self.batch_size < 1:
@@ -124,9 +131,9 @@ class StudyConfig:
 
 
 # Presets: --quick (a data subset and few samples: about a minute on two CPU cores) and the GPU run.
-QUICK = StudyConfig(num=4, subset=5000, field_draws=2, held_out=16)
+QUICK = StudyConfig(num=4, subset=5000, field_draws=2, held_out=16, reference_check=16)
 GPU = StudyConfig(models=ANALYTICAL_MODELS, num=64, field_timesteps=(100, 300, 500, 700, 900), field_draws=32,
-                  held_out=256)
+                  held_out=256, reference_check=256)
 
 
 def default_config(device: str | torch.device, quick: bool = False) -> StudyConfig:
@@ -146,6 +153,7 @@ class ModelRun:
     seconds: dict[str, float]
     own: StepComparison | None = None  # x0_hat vs the U-Net's along each one's own trajectory
     single: StepComparison | None = None  # x0_hat vs the U-Net applied to this model's x_t
+    single_ref: torch.Tensor | None = None  # [S, N, C, H, W] the U-Net's x0_hat on this model's x_t
     nearest: NearestImages | None = None
     fields: Fields | None = None
     fields_note: str | None = None  # why there are no fields
@@ -161,6 +169,19 @@ class ModelRun:
         r2, err = self.own.r2[-1], self.own.mse[-1]
         return {"r2": float(r2.mean()), "r2_sd": float(r2.std(unbiased=False)), "mse": float(err.mean()),
                 "r2_per_sample": r2.tolist(), "mse_per_sample": err.tolist()}
+
+    def per_sample(self, metric: str) -> np.ndarray | None:
+        """Per-sample values [N] of a compared metric (None without a U-Net): ``final_r2`` and ``final_mse``
+        of the final samples, ``single_step_r2`` the single-step R² averaged over the steps."""
+        if self.own is None:
+            return None
+        if metric == "final_r2":
+            return self.own.r2[-1].numpy()
+        if metric == "final_mse":
+            return self.own.mse[-1].numpy()
+        if metric == "single_step_r2":
+            return self.single.r2.mean(dim=0).numpy()
+        raise ConfigError(f"unknown study metric '{metric}'; one of {', '.join(METRICS)}")
 
 
 @dataclass
@@ -179,6 +200,8 @@ class StudyResults:
     held_out_nearest: NearestImages
     field_skipped: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    reference_quality: dict | None = None  # the U-Net's held-out denoising MSE beside wiener's and optimal's
+    warnings: list[str] = field(default_factory=list)  # what the reader must know before trusting the numbers
 
     @property
     def reference(self) -> str | None:
@@ -190,10 +213,37 @@ class StudyResults:
         return [m for m in self.runs if m != REFERENCE]
 
     def closest(self) -> tuple[str, float] | None:
-        """The model whose final samples have the highest mean R² against the U-Net's, and that R²."""
+        """The model whose final samples have the highest mean R² against the U-Net's, and that R²
+        (the best mean: whether it is separable from the others is :meth:`comparisons`' headline)."""
         scores = [(m, self.runs[m].final()["r2"]) for m in self.compared if self.runs[m].own is not None]
         scores = [(m, r) for m, r in scores if not math.isnan(r)]
         return max(scores, key=lambda mr: mr[1]) if scores else None
+
+    def comparisons(self) -> dict[str, tuple[list, dict]]:
+        """Per metric, the best model against every other on the same noise (:mod:`localdiff.paired`):
+        ``{metric: (comparisons, headline)}``. Samples where a metric is undefined for any model (R² of a
+        constant U-Net image) are left out of that metric for every model, so the pairs stay paired."""
+        from .paired import best_against_rest
+
+        compared = [m for m in self.compared if self.runs[m].own is not None]
+        out = {}
+        for metric, lower in METRICS.items():
+            values = {m: self.runs[m].per_sample(metric) for m in compared}
+            if not values:
+                out[metric] = best_against_rest({}, metric, lower_is_better=lower)
+                continue
+            ok = np.logical_and.reduce([np.isfinite(v) for v in values.values()])
+            out[metric] = best_against_rest({m: v[ok] for m, v in values.items()}, metric, lower_is_better=lower)
+        return out
+
+    def headline(self) -> str:
+        """The one true sentence about closeness to the U-Net (final R², paired intervals)."""
+        from .paired import headline_sentence
+
+        if self.reference is None:
+            return "no U-Net (--no-unet), so nothing was compared with it"
+        comps, head = self.comparisons()["final_r2"]
+        return headline_sentence(comps, head, symbol=METRIC_SYMBOLS["final_r2"], against="the U-Net")
 
     def table(self) -> list[dict]:
         """The results table: one row per model (the U-Net first)."""
@@ -240,6 +290,8 @@ class StudyResults:
                 entry["fields"] = {"skipped": run.fields_note}
             models[name] = entry
         best = self.closest()
+        comparisons = self.comparisons() if self.reference else {}
+        head = comparisons["final_r2"][1] if comparisons else {"metric": "final_r2", "closest": None, "tied": []}
         return {
             "format": "localdiff.study/1",
             "config": self.config.to_dict(),
@@ -255,7 +307,15 @@ class StudyResults:
             "held_out_nearest_train": _nearest_json(self.held_out_nearest),
             "field_similarity": sim,
             "table": self.table(),
-            "closest_to_unet": {"model": best[0], "final_r2": best[1]} if best else None,
+            "closest_to_unet": ({"model": head["closest"], "best_mean": best[0], "final_r2": best[1]}
+                                if best else None),
+            "comparisons": {metric: [c.to_dict() for c in comps] for metric, (comps, _) in comparisons.items()},
+            "comparison_method": "paired over samples (same initial noise): mean of per-sample differences a - b, "
+                                 "95% Student-t interval, wins of a (higher R², lower MSE)",
+            "headline": {"metric": head["metric"], "closest": head["closest"], "tied": head["tied"],
+                         "sentence": self.headline()},
+            "reference_quality": self.reference_quality,
+            "warnings": self.warnings,
             "timings_s": self.seconds,
         }
 
@@ -281,6 +341,7 @@ def run_study(data, held_out, config: StudyConfig = StudyConfig(), *, options: d
     released one at a time, so memory holds one analytical model (and the U-Net) at once.
     """
     from .denoisers.unet import shipped_weights_dir
+    from .reference import check_reference, overlapping
     from .stats import data_spectrum, describe_spectrum
 
     config.validate()
@@ -296,14 +357,15 @@ def run_study(data, held_out, config: StudyConfig = StudyConfig(), *, options: d
     if tuple(held_out.shape) != tuple(data.shape):
         raise ConfigError(f"held-out images have shape {held_out.shape}, the training set {data.shape}")
     fit_data = data
-    if config.subset is not None and config.subset < len(data):
+    if config.subset is not None and config.subset < total_images(data):  # data may be a rank's shard
         fit_data = data.subset(config.subset, seed=config.data_seed)
     field_skipped: dict[str, str] = {}
     spectrum = None  # the training set's statistics, computed after the U-Net is built (below)
     start_all = time.perf_counter()
     seconds: dict[str, float] = {}
 
-    stages = ["statistics", *studied, "held-out distances"]
+    stages = ["statistics", *(["reference check"] if config.unet and config.reference_check else []), *studied,
+              "held-out distances"]
     bar = tqdm(total=len(stages), desc="study", unit="stage", disable=not progress)
 
     def stage(name: str) -> None:
@@ -336,6 +398,25 @@ def run_study(data, held_out, config: StudyConfig = StudyConfig(), *, options: d
     seconds["statistics"] = time.perf_counter() - t0
     bar.update()
 
+    warnings: list[str] = []
+    if overlapping(data, held_out):
+        warnings.append("the held-out images come from the training split (--held-out-split equals --split): the "
+                        "memorisation yardstick and the field inputs are training images, so a model that copies "
+                        "the training set looks like it generalises; use a held-out split")
+    reference_quality = None
+    if unet is not None:
+        if getattr(unet, "data_match", None) == "foreign":
+            warnings.append("the U-Net was trained on other data than these (allowed by --allow-foreign-unet): every "
+                            "comparison with it is a comparison with a network of another dataset")
+        if config.reference_check:
+            stage("reference check")
+            t0 = time.perf_counter()
+            reference_quality = check_reference(unet, fit_data, spectrum, held_out, timesteps, config, device,
+                                                progress=progress)
+            warnings += reference_quality["warnings"]
+            seconds["reference_check"] = time.perf_counter() - t0
+            bar.update()
+
     noise = initial_noise(config.num, fit_data.shape, seed=config.seed)  # the same noise for every model
     runs: dict[str, ModelRun] = {}
     for name in studied:
@@ -353,7 +434,8 @@ def run_study(data, held_out, config: StudyConfig = StudyConfig(), *, options: d
         if name != REFERENCE and unet is not None:
             t0 = time.perf_counter()
             run.own = own_trajectory_comparison(traj, runs[REFERENCE].trajectory)
-            run.single, _ = single_step_comparison(traj, unet, batch_size=config.batch_size, progress=progress)
+            run.single, run.single_ref = single_step_comparison(traj, unet, batch_size=config.batch_size,
+                                                                progress=progress)
             sec["compare"] = time.perf_counter() - t0
         if config.field_models is not None:
             skip = None if name in config.field_models else "not in --field-models"
@@ -391,8 +473,9 @@ def run_study(data, held_out, config: StudyConfig = StudyConfig(), *, options: d
         config=config, device=str(device), dataset=data.describe(), fitted_on=fit_data.describe(),
         held_out=held_out.describe(), yardstick=ref_set.describe(), statistics=statistics, eigvals=eigvals, timesteps=timesteps,
         init_noise=noise, runs=runs, held_out_nearest=held_out_nearest, field_skipped=field_skipped,
-        seconds=seconds)
+        seconds=seconds, reference_quality=reference_quality, warnings=warnings)
 
 
 __all__ = ["ReferenceUnavailable", "StudyConfig", "StudyResults", "ModelRun", "QUICK", "GPU", "CPU_MODELS",
-           "ANALYTICAL_MODELS", "analytical_models", "default_config", "fields_skip_reason", "run_study"]
+           "ANALYTICAL_MODELS", "METRICS", "analytical_models", "default_config",
+           "fields_skip_reason", "run_study"]

@@ -64,11 +64,13 @@ def run(args) -> int:
     result["held_out"] = {"split": args.held_out_split, "dataset": held_out.describe()}
     result["seconds"] = time.perf_counter() - t0
     result["versions"] = versions()
-    if out.exists():
-        raise ConfigError(f"{out} appeared while calibrating; the result was not written")
+    from ..distributed import is_main
     from ..fileio import write_json
 
-    write_json(out, result)
+    if is_main():  # in a torchrun job rank 0 alone writes
+        if out.exists():
+            raise ConfigError(f"{out} appeared while calibrating; the result was not written")
+        write_json(out, result)
     print(f"wrote the {args.model} patch-size schedule to {out} ({result['seconds']:.1f} s): "
           + ", ".join(f"t={t}: {s}" for t, s in result["patch_sizes"].items()))
     return 0

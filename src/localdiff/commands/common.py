@@ -1,4 +1,9 @@
-"""Argument helpers shared by the sub-commands: data selection, model options, run directories."""
+"""Argument helpers shared by the sub-commands: data selection, model options, run directories.
+
+In a torchrun job (:mod:`localdiff.distributed`) every rank runs the same command: the training set is
+loaded as this rank's shard (:func:`load_data_from_args`), rank 0 alone writes the run directory (the
+other ranks write into a scratch directory that is removed at the end, so the commands' code is the
+same on every rank), and rank 0's verdict on ``--out`` stops every rank alike."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..distributed import is_main, main_decides, world
 from ..errors import ConfigError, DataError
 from ..fileio import normal_mode, owner_tag, remove_entry, stale_entries
 
@@ -31,12 +37,28 @@ def add_data_args(p) -> None:
                         "else half of the machine's memory)")
 
 
-def load_data_from_args(args, split: str | None = None):
-    from ..data import load_dataset
+def load_data_from_args(args, split: str | None = None, *, shard: bool | None = None):
+    """The dataset the arguments name: the training split (``split`` None), or ``split``.
 
-    return load_dataset(args.dataset or args.data, split=split or args.split, resolution=args.resolution,
+    In a torchrun job the training split is this rank's shard (``shard`` None or True; the whole set is
+    read, then only the shard is kept); other splits (held-out images) are whole on every rank.
+    """
+    from ..data import load_dataset
+    from ..data.shards import shard_dataset
+
+    data = load_dataset(args.dataset or args.data, split=split or args.split, resolution=args.resolution,
                         channels=args.channels, subset=args.subset, seed=args.data_seed,
                         max_bytes=getattr(args, "max_data_bytes", None))
+    if shard is None:
+        shard = split is None
+    return shard_dataset(data) if shard else data
+
+
+def run_record(data=None) -> dict:
+    """What a run record says about the processes: the world size and, for a sharded training set,
+    every rank's ``[start, stop)``."""
+    shard = getattr(data, "shard", None)
+    return {**world().record(), "shards": shard.record()["bounds"] if shard is not None else None}
 
 
 def parse_opts(pairs: list[str] | None) -> dict[str, str]:
@@ -176,10 +198,18 @@ def new_run_dir(out: str | os.PathLike):
     (Ctrl-C, SIGTERM) leaves nothing half-written under that name; what a killed run left is removed
     by the next one. The directory and its files get the umask's permissions. If ``out`` appears while
     the run works, the results are kept under ``out-1`` (``-2``, ...) and the error names that path.
+    In a torchrun job only rank 0 writes ``out``; the other ranks get a scratch directory, removed after.
     """
     out = Path(out)
-    if out.exists() or out.is_symlink():
-        raise ConfigError(f"output directory {out} already exists; choose a new --out (runs are never overwritten)")
+    main_decides(lambda: _check_new(out), "the check of --out on rank 0")
+    if not is_main():
+        scratch = Path(tempfile.mkdtemp(prefix=f"localdiff-rank{world().rank}-"))
+        try:
+            with sigterm_raises():
+                yield scratch
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep_partials(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{owner_tag()}.", suffix=".partial", dir=out.parent))
@@ -194,6 +224,11 @@ def new_run_dir(out: str | os.PathLike):
         if not finished and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _check_new(out: Path) -> None:
+    if out.exists() or out.is_symlink():
+        raise ConfigError(f"output directory {out} already exists; choose a new --out (runs are never overwritten)")
 
 
 def _publish(tmp: Path, out: Path) -> None:

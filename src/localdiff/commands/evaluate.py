@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 from ..errors import ConfigError
@@ -28,6 +29,8 @@ def register(subparsers) -> None:
                    help="also generate this many samples per model (DDIM, same noise) and compare their distance to "
                         "the nearest training image with that of as many held-out images (memorisation; default 0)")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of those samples (default 50)")
+    p.add_argument("--allow-foreign-unet", action="store_true",
+                   help="use a U-Net whose manifest names other training data (refused otherwise)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="new directory for the results (never overwritten)")
     p.set_defaults(func=run)
@@ -40,6 +43,18 @@ def format_table(results: dict, timesteps: list[int]) -> str:
     for name, per_t in results.items():
         rows.append(f"| {name} | " + " | ".join(f"{per_t[t]['mse']:.4f} ± {per_t[t]['se']:.4f}"
                                                  for t in timesteps) + " |")
+    return "\n".join(rows)
+
+
+def format_comparisons(paired: dict) -> str:
+    """Per timestep, the lowest-error model against every other on the same noisy images (paired)."""
+    rows = ["| t | best | vs | mean MSE difference | 95% interval | images where best is lower | verdict |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for t, (comps, head) in paired.items():
+        for c in comps:
+            ci = f"[{c.ci95[0]:+.5f}, {c.ci95[1]:+.5f}]" if c.ci95 is not None else "–"
+            verdict = f"{c.a} lower" if c.a_better else "tied"
+            rows.append(f"| {t} | {c.a} | {c.b} | {c.mean_diff:+.5f} | {ci} | {c.wins_a}/{c.n} | {verdict} |")
     return "\n".join(rows)
 
 
@@ -68,7 +83,8 @@ def run(args) -> int:
     import torch
 
     from .. import make_denoiser
-    from ..evaluate import denoising_mse
+    from ..evaluate import denoising_errors, paired_mse_comparisons, summarize_errors
+    from ..reference import overlapping
     from ..fileio import write_bytes, write_json
 
     models = name_list(args.models, "--models")
@@ -78,6 +94,10 @@ def run(args) -> int:
     if args.samples < 0 or args.samples > args.num or args.sample_steps < 1:
         raise ConfigError(f"--samples must be between 0 and --num ({args.num}) and --sample-steps positive")
     opts = model_options(args.opt, models)
+    if args.allow_foreign_unet:
+        if "unet" not in models:
+            raise ConfigError("--allow-foreign-unet is given but unet is not among --models")
+        opts["unet"]["allow_foreign"] = True
     with new_run_dir(args.out) as tmp:
         t0 = time.perf_counter()
         data = load_data_from_args(args)
@@ -85,10 +105,19 @@ def run(args) -> int:
         if args.num < len(held_out):
             held_out = held_out.subset(args.num, seed=args.seed)
         images = held_out.tensor()
+        warnings = []
+        if overlapping(data, held_out):
+            warnings.append("the held-out images come from the training split (--held-out-split equals --split): "
+                            "a model that copies the training set (optimal, nearest) scores near 0 on them")
         dens = {name: make_denoiser(name, data, **{"device": args.device, **opts[name]}) for name in models}
-        results = denoising_mse(dens, images, timesteps, generator=torch.Generator().manual_seed(args.seed),
-                                batch_size=args.batch_size, schedule=next(iter(dens.values())).schedule)
+        errors = denoising_errors(dens, images, timesteps, generator=torch.Generator().manual_seed(args.seed),
+                                  batch_size=args.batch_size, schedule=next(iter(dens.values())).schedule)
+        results = summarize_errors(errors)
+        paired = paired_mse_comparisons(errors) if len(models) > 1 else {}
         table = format_table(results, timesteps)
+        if paired:
+            table += "\n\nPaired per timestep (same noisy images; 95% Student-t intervals of the mean difference):\n\n" \
+                + format_comparisons(paired)
         memo = memorisation(dens, data, images, args) if args.samples > 0 else None
         if memo is not None:
             table += "\n\n" + format_memorisation(memo)
@@ -97,10 +126,18 @@ def run(args) -> int:
             "timesteps": timesteps, "seed": args.seed,
             "models": {name: den.settings() for name, den in dens.items()},
             "mse": {name: {str(t): v for t, v in per_t.items()} for name, per_t in results.items()},
+            "mse_per_image": {name: {str(t): v.tolist() for t, v in per_t.items()} for name, per_t in errors.items()},
+            "comparisons": {str(t): [c.to_dict() for c in comps] for t, (comps, _) in paired.items()},
+            "lowest": {str(t): {k: head[k] for k in ("best", "closest", "tied")} for t, (_, head) in paired.items()},
+            "comparison_method": "paired over held-out images (same noise): mean of per-image MSE differences "
+                                 "a - b, 95% Student-t interval, images where a is lower",
+            "warnings": warnings,
             "memorisation": memo,
             "seconds": time.perf_counter() - t0, "versions": versions(),
         })
         write_bytes(tmp / "mse.md", (table + "\n").encode())
     print(table)
+    for w in warnings:
+        print(f"localdiff evaluate: warning: {w}", file=sys.stderr)
     print(f"wrote {args.out}/evaluate.json ({time.perf_counter() - t0:.1f} s)")
     return 0

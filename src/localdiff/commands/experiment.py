@@ -40,6 +40,8 @@ def register(subparsers) -> None:
     p.add_argument("--linear-steps", type=int, default=None, help="linear model's steps per timestep")
     p.add_argument("--unet", action="append", metavar="SET=DIR",
                    help="use an already trained U-Net for SET instead of training one (repeatable)")
+    p.add_argument("--allow-foreign-unet", action="store_true",
+                   help="accept a --unet SET=DIR whose manifest names other training data than the set's")
     p.add_argument("--quick", action="store_true",
                    help="grf and grf-aniso, 2,000 images, 40 training steps, one timestep: a smoke run of a minute")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -66,7 +68,7 @@ def config_from_args(args):
         sets=tuple(name_list(args.sets, "--sets")), unet_config=args.config,
         train_steps=args.train_steps, subset=args.subset, timesteps=timesteps, pixels=args.pixels,
         draws=args.draws, linear=not args.no_linear, linear_steps=args.linear_steps, seed=args.seed,
-        device=args.device)
+        device=args.device, allow_foreign_unet=args.allow_foreign_unet)
     if args.quick:
         cfg = dataclasses.replace(cfg, **QUICK)
     cfg.validate()
@@ -98,7 +100,7 @@ def plot_summary(results):
 
 
 def run(args) -> int:
-    from ..experiment import per_timestep_table, run_experiment, summary_table
+    from ..experiment import per_timestep_table, run_experiment, summary_table, verdict
     from ..fileio import write_bytes, write_json, write_npz
     from ..report.figures import plot_fields, save_figure
     from ..report.html import experiment_report
@@ -122,7 +124,7 @@ def run(args) -> int:
         save_figure(plot_summary(results), tmp / "summary.png")
         record = {
             "experiment": args.name, "command": command_line(), "config": dataclasses.asdict(cfg),
-            "sets": {r.name: {"summary": r.summary, "per_timestep": r.comparison,
+            "sets": {r.name: {"summary": r.summary, "per_timestep": r.comparison, "verdict": verdict(r.comparison),
                               "locality": {m: locality_measures(f) for m, f in r.fields.items()},
                               "unet": {k: v for k, v in r.unet_info.items() if k != "path"},
                               "unet_dir": str(r.unet_dir) if r.name in unet_dirs else f"unets/{r.name}",
@@ -135,7 +137,7 @@ def run(args) -> int:
                                  {r.name: (tmp / f"fields_{r.name}.png").read_bytes() for r in results})
         write_bytes(tmp / "report.html", page.encode())
     print(tables)
-    best = {r.name: ("Wiener" if r.summary["cos_wiener"] > r.summary["cos_blob"] else "blob") for r in results}
-    print(f"U-Net fields closer to: {', '.join(f'{k}: {v}' for k, v in best.items())}; wrote {args.out} "
-          f"({time.perf_counter() - t0:.0f} s)")
+    verdicts = {r.name: verdict(r.comparison)["text"] for r in results}
+    print(f"U-Net fields closer to (paired, 95% intervals): {'; '.join(f'{k}: {v}' for k, v in verdicts.items())}; "
+          f"wrote {args.out} ({time.perf_counter() - t0:.0f} s)")
     return 0

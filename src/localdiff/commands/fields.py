@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from .common import (add_data_args, command_line, load_data_from_args, load_held_out, model_options, name_list,
-                     new_run_dir, timestep_list, versions)
+                     new_run_dir, run_record, timestep_list, versions)
 
 
 def register(subparsers) -> None:
@@ -64,6 +64,7 @@ def run(args) -> int:
             "models": {name: {"method": f.method, "measures": locality_measures(f), "seconds": timings[name]}
                        for name, f in fields.items()},
             "cosine_similarity": field_similarity(fields),
+            "distributed": run_record(data),
             "versions": versions(),
         })
         save_figure(plot_fields(fields, 0), tmp / "fields.png")

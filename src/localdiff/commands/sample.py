@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .common import add_data_args, command_line, load_data_from_args, new_run_dir, parse_opts, versions
+from .common import add_data_args, command_line, load_data_from_args, new_run_dir, parse_opts, run_record, versions
 
 
 def register(subparsers) -> None:
@@ -68,8 +68,11 @@ def run(args) -> int:
         if args.trajectory:
             write_npz(tmp / "trajectory.npz", timesteps=np.asarray(traj.timesteps, np.int64),
                       xt=traj.xt.numpy(), x0_hat=traj.x0_hat.numpy())
+        processes = run_record(data)
         write_json(tmp / "run.json", {
             "command": command_line(),
+            "world_size": processes["world_size"],
+            "distributed": processes,
             "settings": {k: v for k, v in vars(args).items() if k != "func"},
             "dataset": data.describe(),
             "model": den.settings(),

@@ -19,6 +19,7 @@ Defaults depend on the machine (``localdiff.study``: ``StudyConfig``, ``QUICK``,
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -59,6 +60,11 @@ def register(subparsers) -> None:
                    help="the U-Net to compare with: a diffusers UNet2DModel directory (default: the weights "
                         "shipped for the dataset)")
     m.add_argument("--no-unet", action="store_true", help="no U-Net: skip every comparison with it (no R²)")
+    m.add_argument("--allow-foreign-unet", action="store_true",
+                   help="compare with a U-Net whose manifest names other training data (refused otherwise)")
+    m.add_argument("--reference-check", type=int, default=None, metavar="N",
+                   help="held-out images on which the U-Net's denoising MSE is set beside wiener's and optimal's "
+                        "(default 64; --quick 16; 0 skips the check)")
     m.add_argument("--opt", action="append", metavar="MODEL.KEY=VALUE",
                    help="a model option, prefixed by the model name, e.g. masked.tau=0.005 (repeatable)")
     m.add_argument("--num", type=int, default=None, help="samples per model (default 8 on a CPU, 64 on CUDA)")
@@ -95,7 +101,8 @@ def build_config(args, device):
         given["models"] = analytical_models() if models == ("all",) else tuple(m for m in models if m != "unet")
         if "unet" in models and args.no_unet:
             raise ConfigError("--models names unet but --no-unet is given")
-    for key in ("num", "steps", "seed", "sampler", "batch_size", "subset", "data_seed", "field_draws", "held_out"):
+    for key in ("num", "steps", "seed", "sampler", "batch_size", "subset", "data_seed", "field_draws", "held_out",
+                "reference_check"):
         if getattr(args, key) is not None:
             given[key] = getattr(args, key)
     if args.field_models is not None:
@@ -127,6 +134,7 @@ def write_results(results, data, tmp: Path, *, command: str) -> dict:
     from ..fileio import write_bytes, write_json, write_npz
     from ..report import save_grid
     from ..report.figures import (
+        field_scales,
         plot_fields,
         plot_final_r2,
         plot_nearest_distances,
@@ -145,6 +153,8 @@ def write_results(results, data, tmp: Path, *, command: str) -> dict:
         arrays[f"{name}/samples"] = run.samples.numpy()
         arrays[f"{name}/x0_hat"] = run.trajectory.x0_hat.numpy()
         arrays[f"{name}/xt"] = run.trajectory.xt.numpy()
+        if run.single_ref is not None:  # the U-Net on this model's x_t: single-step values are recomputable
+            arrays[f"{name}/unet_single_step"] = run.single_ref.numpy()
     write_npz(tmp / "samples.npz", **arrays)
     with_fields = {n: r.fields for n, r in runs.items() if r.fields is not None}
     if with_fields:
@@ -167,6 +177,7 @@ def write_results(results, data, tmp: Path, *, command: str) -> dict:
     figures["samples"] = plot_sample_rows({n: r.samples for n, r in runs.items()})
     if with_fields:
         figures["fields"] = plot_fields(with_fields, 0)
+        metrics["field_scales"] = {str(t): v for t, v in field_scales(with_fields, 0).items()}
         for pi in range(1, min(len(first.pixels), 8)):
             save_figure(plot_fields(with_fields, pi), tmp / f"fields_pixel{pi}.png")
     figures["nearest_distances"] = plot_nearest_distances(
@@ -175,7 +186,8 @@ def write_results(results, data, tmp: Path, *, command: str) -> dict:
     pairs = {}
     for n, r in runs.items():
         idx = r.nearest.index[:8].tolist()
-        pairs[n] = (r.samples[:8], torch.stack([data[i] for i in idx]))
+        near = r.nearest.image  # the images themselves: in a torchrun job another rank may hold them
+        pairs[n] = (r.samples[:8], near[:8] if near is not None else torch.stack([data[i] for i in idx]))
     figures["nearest_pairs"] = plot_nearest_pairs(pairs)
     figures["spectrum"] = plot_spectrum(results.eigvals)
     images = {}
@@ -195,19 +207,19 @@ def write_results(results, data, tmp: Path, *, command: str) -> dict:
 
 
 def summary_line(results, out: Path, seconds: float) -> str:
-    """The one line printed at the end: the model closest to the U-Net, and where the report is."""
-    best = results.closest()
+    """The one line printed at the end: what the paired comparison supports (a model closest to the U-Net
+    only where every interval excludes 0, else a tie), and where the report is."""
     where = f"report: {out / 'report.html'} ({seconds:.0f} s)"
     if results.reference is None:
         return f"study: no U-Net (--no-unet), so R² against it was not computed; {where}"
-    if best is None:
+    if results.closest() is None:
         return f"study: no analytical model was compared with the U-Net; {where}"
-    return (f"study: closest to the U-Net is {best[0]} (final R² {best[1]:.3f} over "
-            f"{results.config.num} samples); {where}")
+    return f"study: {results.headline()} over {results.config.num} samples; {where}"
 
 
 def run(args) -> int:
     from ..data import load_dataset
+    from ..data.shards import shard_dataset
     from ..device import resolve_device
     from ..study import REFERENCE, ReferenceUnavailable, run_study
 
@@ -219,12 +231,16 @@ def run(args) -> int:
     opts = model_options(args.opt, studied)
     if args.unet is not None:
         opts[REFERENCE]["path"] = args.unet
+    if args.allow_foreign_unet:
+        if args.no_unet:
+            raise ConfigError("--allow-foreign-unet and --no-unet contradict each other; give one")
+        opts[REFERENCE]["allow_foreign"] = True
     source = args.data or args.dataset or "mnist"
     out = Path(args.out) if args.out else default_out(source)
     t0 = time.perf_counter()
     with new_run_dir(out) as tmp:
         load = {"resolution": args.resolution, "channels": args.channels, "max_bytes": args.max_data_bytes}
-        data = load_dataset(source, split=args.split, **load)
+        data = shard_dataset(load_dataset(source, split=args.split, **load))  # a torchrun job: this rank's shard
         held_out = load_held_out(lambda s: load_dataset(source, split=s, **load), args.held_out_split,
                                  "for the fields and the memorisation yardstick")
         try:
@@ -236,5 +252,7 @@ def run(args) -> int:
                 f"--dataset {source} --config small --steps 3000 --out runs/unet-{Path(source).name}`), or skip "
                 "the U-Net comparisons with --no-unet.") from exc
         write_results(results, data, tmp, command=command_line())
+    for w in results.warnings:
+        print(f"localdiff study: warning: {w}", file=sys.stderr)
     print(summary_line(results, out, time.perf_counter() - t0))
     return 0

@@ -11,6 +11,11 @@ Run directory layout (``--out``)::
 ``--minutes M`` is a wall-clock budget for the whole command: the trainer measures its throughput in the
 first seconds and fixes the number of steps (and the learning-rate schedule) so that training, its
 checkpoints and the export end inside it.
+
+Under ``torchrun`` (more than one process) the network trains with DistributedDataParallel
+(:mod:`localdiff.unet.distributed`): ``--batch-size`` is per process, the global batch is P times it;
+rank 0 checks ``--out``/``--resume``, writes the checkpoints and exports, and every rank plans the same
+steps from rank 0's clock.
 """
 
 from __future__ import annotations
@@ -124,8 +129,10 @@ def _recipe(args, base):
 def run(args) -> int:
     import torch
 
+    from ..distributed import broadcast_json, is_main, main_decides, world
     from ..unet.configs import TRAIN_RECIPES, unet_config
-    from ..unet.training import TrainingInterrupted, UNetTrainer, find_checkpoint, list_checkpoints
+    from ..unet.distributed import trainer_class
+    from ..unet.training import TrainingInterrupted, list_checkpoints
 
     started = getattr(args, "started_at", None) or time.perf_counter()  # where a --minutes budget counts from
     if args.steps is not None and args.steps < 1:
@@ -138,6 +145,78 @@ def run(args) -> int:
     if args.checkpoint_every < 1:
         raise ConfigError(f"--checkpoint-every must be positive, got {args.checkpoint_every}")
     out = Path(args.out)
+    ckpt = main_decides(lambda: _check_out(args, out), "the checks of --out and --resume on rank 0")
+    ckpt = Path(ckpt) if ckpt is not None else None
+
+    data = load_data_from_args(args, shard=False)  # every process may draw any image of a global batch
+    created = False
+    trainer_cls = trainer_class()  # DistributedDataParallel in a torchrun job
+    if ckpt is None:
+        name = args.config or "paper"
+        model_cfg = unet_config(name, data.shape)
+        train_cfg = _recipe(args, TRAIN_RECIPES[name])
+        trainer = trainer_cls(data, model_cfg, train_cfg)
+    else:
+        trainer = trainer_cls.from_checkpoint(ckpt, data, **_given(args, _RUNTIME_FLAGS))
+        _check_resume_flags(args, trainer, data.shape)
+        if args.steps is not None and args.steps < trainer.step:
+            raise ConfigError(f"the checkpoint is at step {trainer.step}; --steps must be at least that")
+        if args.steps is None and args.minutes is None and trainer.total_steps is None:
+            raise ConfigError(f"the checkpoint at step {trainer.step} has no planned length; give --steps N")
+    if trainer.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if not out.exists() and is_main():
+        out.mkdir(parents=True)
+        created = True
+
+    ckpt_dir = out / "checkpoints"
+    budget_s = None
+    if args.minutes is not None:  # what is left of the budget after start-up, less the export's share
+        budget_s = args.minutes * 60.0 - (time.perf_counter() - started) - EXPORT_RESERVE_S - 0.6 * args.minutes
+        budget_s = broadcast_json(budget_s, "broadcast of the time budget")  # rank 0's: every rank plans alike
+        if budget_s <= 0:
+            raise ConfigError(f"--minutes {args.minutes} leaves no time to train after starting and loading the "
+                              f"data ({time.perf_counter() - started:.1f} s); give a larger budget")
+    try:
+        trainer.fit(args.steps, budget_s=budget_s, checkpoint_dir=ckpt_dir, checkpoint_every=args.checkpoint_every,
+                    keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress, label=command_line())
+    except TrainingInterrupted as exc:
+        where = f"checkpoint {exc.checkpoint}" if exc.checkpoint else "no checkpoint"
+        if is_main():
+            print(f"localdiff train-unet: {exc.signame} at step {exc.step}; wrote {where}. Continue with the same "
+                  f"command plus --resume {out}", file=sys.stderr)
+        return 143 if exc.signame == "SIGTERM" else 130
+    except BaseException as exc:
+        saved = list_checkpoints(ckpt_dir)
+        if created and not saved:
+            shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping under the new name
+        if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: the last periodic checkpoint survives
+            print("localdiff train-unet: aborted; "
+                  + (f"the last checkpoint is {saved[-1]}" if saved else "no checkpoint was written"), file=sys.stderr)
+            return 130
+        raise
+    if not is_main():  # rank 0 exports; the state is the same on every rank
+        return 0
+    trainer.export(out, dtype=args.export_dtype, extra={
+        "command": command_line(),
+        "commands": [h.get("label") for h in trainer.history],
+        "dataset": data.describe(),
+        "distributed": {**world().record(), "global_batch": trainer.config.batch_size * trainer.world_size},
+        "versions": versions(),
+    })
+    loss = f"{trainer.loss_ema:.4f}" if trainer.loss_ema is not None else "n/a"
+    rate = f", {trainer.images_per_s:.0f} images/s" if trainer.images_per_s else ""
+    early = " (stopped at the time budget before the planned steps)" if trainer.history[-1].get("stopped_early") else ""
+    print(f"trained {trainer.step} steps ({trainer.order.epochs:.2f} epochs, {trainer.config.prediction}-prediction, "
+          f"loss {loss}, {trainer.total_wall_s:.1f} s{rate}){early}; EMA weights exported to {out}")
+    return 0
+
+
+def _check_out(args, out: Path) -> str | None:
+    """Rank 0's checks of ``--out`` and ``--resume`` (a run killed before its first checkpoint is cleared):
+    the checkpoint to resume from, or None for a new run."""
+    from ..unet.training import find_checkpoint
+
     if out.is_dir() and not args.resume and _leftover(out):  # a run killed before its first checkpoint
         print(f"localdiff train-unet: {out} holds only the remains of a run killed before its first checkpoint; "
               "starting afresh in it", file=sys.stderr)
@@ -150,63 +229,7 @@ def run(args) -> int:
             ckpt.parent.name == "checkpoints" and ckpt.parent.parent.resolve() == out.resolve()):
         raise ConfigError(f"output directory {out} already exists and is not the run being resumed ({ckpt}); "
                           "choose a new --out to start a new run from that checkpoint")
-
-    data = load_data_from_args(args)
-    created = False
-    if ckpt is None:
-        name = args.config or "paper"
-        model_cfg = unet_config(name, data.shape)
-        train_cfg = _recipe(args, TRAIN_RECIPES[name])
-        trainer = UNetTrainer(data, model_cfg, train_cfg)
-    else:
-        trainer = UNetTrainer.from_checkpoint(ckpt, data, **_given(args, _RUNTIME_FLAGS))
-        _check_resume_flags(args, trainer, data.shape)
-        if args.steps is not None and args.steps < trainer.step:
-            raise ConfigError(f"the checkpoint is at step {trainer.step}; --steps must be at least that")
-        if args.steps is None and args.minutes is None and trainer.total_steps is None:
-            raise ConfigError(f"the checkpoint at step {trainer.step} has no planned length; give --steps N")
-    if trainer.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if not out.exists():
-        out.mkdir(parents=True)
-        created = True
-
-    ckpt_dir = out / "checkpoints"
-    budget_s = None
-    if args.minutes is not None:  # what is left of the budget after start-up, less the export's share
-        budget_s = args.minutes * 60.0 - (time.perf_counter() - started) - EXPORT_RESERVE_S - 0.6 * args.minutes
-        if budget_s <= 0:
-            raise ConfigError(f"--minutes {args.minutes} leaves no time to train after starting and loading the "
-                              f"data ({time.perf_counter() - started:.1f} s); give a larger budget")
-    try:
-        trainer.fit(args.steps, budget_s=budget_s, checkpoint_dir=ckpt_dir, checkpoint_every=args.checkpoint_every,
-                    keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress, label=command_line())
-    except TrainingInterrupted as exc:
-        where = f"checkpoint {exc.checkpoint}" if exc.checkpoint else "no checkpoint"
-        print(f"localdiff train-unet: {exc.signame} at step {exc.step}; wrote {where}. Continue with the same "
-              f"command plus --resume {out}", file=sys.stderr)
-        return 143 if exc.signame == "SIGTERM" else 130
-    except BaseException as exc:
-        saved = list_checkpoints(ckpt_dir)
-        if created and not saved:
-            shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping under the new name
-        if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: the last periodic checkpoint survives
-            print("localdiff train-unet: aborted; "
-                  + (f"the last checkpoint is {saved[-1]}" if saved else "no checkpoint was written"), file=sys.stderr)
-            return 130
-        raise
-    trainer.export(out, dtype=args.export_dtype, extra={
-        "command": command_line(),
-        "commands": [h.get("label") for h in trainer.history],
-        "dataset": data.describe(),
-        "versions": versions(),
-    })
-    loss = f"{trainer.loss_ema:.4f}" if trainer.loss_ema is not None else "n/a"
-    rate = f", {trainer.images_per_s:.0f} images/s" if trainer.images_per_s else ""
-    early = " (stopped at the time budget before the planned steps)" if trainer.history[-1].get("stopped_early") else ""
-    print(f"trained {trainer.step} steps ({trainer.order.epochs:.2f} epochs, {trainer.config.prediction}-prediction, "
-          f"loss {loss}, {trainer.total_wall_s:.1f} s{rate}){early}; EMA weights exported to {out}")
-    return 0
+    return None if ckpt is None else str(ckpt)
 
 
 def _check_resume_flags(args, trainer, shape) -> None:

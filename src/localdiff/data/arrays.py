@@ -171,7 +171,7 @@ def image_array(x: np.ndarray, source: str) -> np.ndarray:
         lo, hi = float(x.min()), float(x.max())
         if lo < -1e-6 or hi > 1 + 1e-6:
             raise DataError(f"{source}: float images must lie in the range [0, 1], found [{lo:.4g}, {hi:.4g}]; "
-                            "if they are on [-1, 1] save (x + 1) / 2, if they are 0..255 save them as uint8")
+                            "if they are on [-1, 1] use (x + 1) / 2, if they are 0..255 use uint8")
         work = np.float32 if x.dtype.itemsize <= 4 else np.float64
         out = np.empty(x.shape, np.float32)
         for s in range(0, x.shape[0], step):

@@ -22,8 +22,8 @@ from ..errors import DataError
 from .arrays import image_array, read_npy, read_npz
 from .images import IMAGE_EXTENSIONS, IMAGE_FORMATS, read_image_folder
 from .limits import ReadLimits, expect_end, format_bytes, open_maybe_gzip, read_into
-from .raw import (ACCEPTED_PATHS, MAX_LABEL, RESIZE_METHOD, SPLITS, RawData, check_images, check_labels, fit_square,
-                  resize_images, subset_indices)
+from .raw import (ACCEPTED_PATHS, MAX_LABEL, RESIZE_METHOD, SPLIT_RULE, SPLITS, RawData, check_images, check_labels,
+                  fit_square, resize_images, split_indices, split_record, subset_indices)
 from .safe_pickle import load_pickle
 
 # ------------------------------------------------------------------------------------------------
@@ -222,11 +222,11 @@ def read_cifar_dir(directory: str | Path, split: str, limits: ReadLimits | None 
 # ------------------------------------------------------------------------------------------------
 
 
-def read_array_file(path: str | Path, limits: ReadLimits | None = None) -> RawData:
+def read_array_file(path: str | Path, limits: ReadLimits | None = None, split: str = "all") -> RawData:
     """Read images (and labels) from a ``.npy`` or ``.npz`` file, without pickle.
 
     An ``.npz`` holds images under 'images' or 'x' (or as its only array) and optional labels under
-    'labels' or 'y'.
+    'labels' or 'y'. ``split`` follows ``SPLIT_RULE`` (every 10th image is "test").
     """
     path = Path(path)
     limits = limits or ReadLimits.resolve()
@@ -238,9 +238,17 @@ def read_array_file(path: str | Path, limits: ReadLimits | None = None) -> RawDa
     images = image_array(x, str(path))
     if labels is not None:
         labels = check_labels(labels, images.shape[0], str(path))
+    n = images.shape[0]
+    keep = split_indices(n, split)
+    if keep.size == 0:
+        raise DataError(f"{path}: {n} image(s) leave none for split '{split}' ({SPLIT_RULE}); use split='all' or "
+                        "add images")
+    if keep.size != n:
+        images = images[keep]
+        labels = None if labels is None else labels[keep]
     return RawData(images=images, labels=labels,
                    meta={"format": path.suffix.lower().lstrip("."), "files": [path.name],
-                         **({"key": key} if key else {})})
+                         **({"key": key} if key else {}), **split_record(n, split)})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -262,7 +270,7 @@ def _read_path(path: Path, split: str, resolution, subset, seed, limits: ReadLim
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in (".npy", ".npz"):
-            return read_array_file(path, limits)
+            return read_array_file(path, limits, split)
         name = path.name.lower()
         if _IDX_NAME.search(name) or name in ("test_batch",) or name.startswith("data_batch_"):
             raise DataError(f"{path}: pass the directory that holds this file ({path.parent}), not the file")

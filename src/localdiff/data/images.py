@@ -14,7 +14,8 @@ from PIL import Image
 
 from ..errors import DataError
 from .limits import ReadLimits
-from .raw import ACCEPTED_PATHS, RESIZE_METHOD, RawData, resize_images, subset_indices
+from .raw import (ACCEPTED_PATHS, RESIZE_METHOD, SPLIT_RULE, RawData, resize_images, split_indices, split_record,
+                  subset_indices)
 
 # The decoder is chosen by the extension, from this allow-list only, and must accept the content.
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF",
@@ -114,7 +115,8 @@ def read_image_folder(root: str | Path, split: str, *, resolution: int | None = 
     """Read a folder of png/jpg/jpeg/bmp/tif/tiff/webp images, recursively, in sorted path order.
 
     Split: with ``train/`` and ``test/`` (or ``val/``) subfolders, "train"/"test" read those and "all"
-    reads both; otherwise "train" and "all" read everything and "test" is an error. Grayscale folders
+    reads both; otherwise the folder is split deterministically (``raw.SPLIT_RULE``: every 10th image in
+    sorted path order is "test", the rest "train"). Grayscale folders
     give C = 1, colour or mixed folders C = 3 (gray repeated, alpha dropped, palettes expanded).
     Without ``resolution`` all images must have the same size; with it every image is center-cropped
     to a square on its shorter side and resized to ``resolution x resolution`` (see ``fit_square``).
@@ -126,10 +128,6 @@ def read_image_folder(root: str | Path, split: str, *, resolution: int | None = 
     limits = limits or ReadLimits.resolve()
     dirs = image_split_dirs(root)
     if dirs is None:
-        if split == "test":
-            raise DataError(f"{root}: split 'test' needs train/ and test/ (or val/) subfolders, and this folder "
-                            "has none; use split='train' or 'all' (both read every image), or move held-out "
-                            "images into test/ and training images into train/")
         parts = [root]
     else:
         parts = {"train": [dirs[0]], "test": [dirs[1]], "all": list(dirs)}[split]
@@ -142,6 +140,14 @@ def read_image_folder(root: str | Path, split: str, *, resolution: int | None = 
     if not files:
         where = " and ".join(str(p) for p in parts)
         raise DataError(f"{where}: no {'/'.join(IMAGE_EXTENSIONS)} images found; {ACCEPTED_PATHS}")
+    split_meta = {}
+    if dirs is None:  # one set of images: the deterministic split of raw.SPLIT_RULE
+        keep = split_indices(len(files), split)
+        if keep.size == 0:
+            raise DataError(f"{root}: {len(files)} image(s) leave none for split '{split}' ({SPLIT_RULE}); add images "
+                            "or give the folder train/ and test/ subfolders")
+        split_meta = split_record(len(files), split)
+        files, classes = [files[i] for i in keep], [classes[i] for i in keep]
 
     # pass 1: headers only (fast) -> channel count and size, so a bad folder fails before decoding
     sizes, colour = {}, False
@@ -171,6 +177,6 @@ def read_image_folder(root: str | Path, split: str, *, resolution: int | None = 
         labels = np.array([lookup[classes[i]] for i in idx], dtype=np.int64)
     meta = {"format": "image-folder", "folders": [p.relative_to(root).as_posix() or "." for p in parts],
             "num_files": len(files), "classes": names, "mode": "RGB" if colour else "L",
-            "resize": None if resolution is None else RESIZE_METHOD}
+            "resize": None if resolution is None else RESIZE_METHOD, **split_meta}
     return RawData(images=out, labels=labels, meta=meta, resized=resolution is not None,
                    subset_done=subset is not None)

@@ -32,7 +32,12 @@ def load_dataset(
     max_bytes: int | str | None = None,
     **options,
 ) -> ImageDataset:
-    """Load a built-in set (a name in ``BUILTIN_DATASETS``) or the images at a path.
+    """Load a built-in set (a name in ``BUILTIN_DATASETS``), the images at a path, or images held in memory.
+
+    One value convention for files and arrays: uint8 0..255, or floats in [0, 1] (mapped to the data
+    scale [-1, 1] by ``2 x - 1``); a numpy array or torch tensor ``[N, H, W]``, ``[N, C, H, W]`` or
+    ``[N, H, W, C]`` is read exactly as a ``.npy`` file holding it (but split "train"/"all" keep every
+    image of an array in memory: it is the training set as given).
 
     A path may be an MNIST-style IDX directory, a CIFAR-10 python directory, an image folder or a
     ``.npy``/``.npz`` file (format detected; see ``formats.ACCEPTED_PATHS``). Names take precedence:
@@ -56,6 +61,16 @@ def load_dataset(
     """
     split = _check_options(split, resolution, channels, subset, seed)
     limits = ReadLimits.resolve(max_bytes)
+    if _is_array(name_or_path):
+        if options:
+            raise ConfigError(f"option(s) {', '.join(sorted(options))} apply only to built-in datasets")
+        if split == "test":
+            raise ConfigError("an array held in memory has no held-out part (split='test'); pass held-out images "
+                              "as a second array, or save the array as .npz and load the path (every 10th image is "
+                              "then 'test')")
+        data = _array_data(name_or_path, limits)
+        return _finish(data, name="array", source="array", split="all", resolution=resolution, channels=channels,
+                       subset=subset, seed=seed, seeded=False)
     builtin = _builtin_name(name_or_path)
     if builtin is not None:
         spec = BUILTINS[builtin]
@@ -78,6 +93,37 @@ def load_dataset(
         name, source, seeded = path.stem if path.is_file() else path.name, str(path), False
     return _finish(data, name=name, source=source, split=split, resolution=resolution, channels=channels,
                    subset=subset, seed=seed, seeded=seeded)
+
+
+def _is_array(obj) -> bool:
+    import torch
+
+    return isinstance(obj, (np.ndarray, torch.Tensor))
+
+
+def _array_data(x, limits: ReadLimits) -> RawData:
+    """Images held in memory, read by the convention of files: uint8 0..255 or floats in [0, 1]."""
+    import torch
+
+    from .arrays import image_array
+
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    limits.check_cap(int(x.nbytes), "the array", f"an array of shape {tuple(x.shape)}")
+    return RawData(images=image_array(np.asarray(x), "the array"), meta={"format": "array"})
+
+
+def as_dataset(data, *, what: str = "data") -> ImageDataset:
+    """``data`` as an :class:`ImageDataset`: a dataset, a built-in name or path (:func:`load_dataset`), or
+    images held in memory, a numpy array or torch tensor ``[N, C, H, W]`` / ``[N, H, W]`` read by the
+    convention of files (uint8 0..255, or floats in [0, 1])."""
+    if isinstance(data, ImageDataset):
+        return data
+    if _is_array(data) or isinstance(data, (str, os.PathLike)):
+        return load_dataset(data)
+    raise ConfigError(f"{what} must be an ImageDataset (load_dataset(...)), a built-in name or path, or images as "
+                      f"a numpy array or torch tensor [N, C, H, W] (uint8 0..255 or floats in [0, 1]); got "
+                      f"{type(data).__name__}")
 
 
 def _builtin_name(name_or_path) -> str | None:

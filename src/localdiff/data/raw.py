@@ -21,9 +21,10 @@ ACCEPTED_PATHS = (
     "  - a CIFAR-10 python directory holding data_batch_1 .. data_batch_5 and test_batch "
     "(extract cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html)\n"
     "  - an image folder of .png/.jpg/.jpeg/.bmp/.tif/.tiff/.webp files, searched recursively, optionally split "
-    "into train/ and test/ (or val/) subfolders (CelebA-HQ, AFHQ, FFHQ layouts)\n"
+    "into train/ and test/ (or val/) subfolders (CelebA-HQ, AFHQ, FFHQ layouts); without them every 10th "
+    "image is held out as 'test'\n"
     "  - a .npy or .npz file holding images [N, H, W], [N, C, H, W] or [N, H, W, C] (C = 1 or 3), "
-    "uint8 0..255 or float 0..1; an .npz may add labels under 'labels' or 'y'"
+    "uint8 0..255 or float 0..1; an .npz may add labels under 'labels' or 'y'; every 10th image is 'test'"
 )
 
 
@@ -41,6 +42,27 @@ class RawData:
 # ------------------------------------------------------------------------------------------------
 # shared helpers
 # ------------------------------------------------------------------------------------------------
+
+HELD_OUT_EVERY = 10  # a source without its own split holds out every 10th image (in file / array order)
+SPLIT_RULE = (f"a source without its own train/test split: 'test' is every {HELD_OUT_EVERY}th image (the "
+              f"{HELD_OUT_EVERY}th, {2 * HELD_OUT_EVERY}th, ... in sorted path or array order), 'train' the rest, "
+              "'all' every image")
+
+
+def split_indices(n: int, split: str) -> np.ndarray:
+    """Indices of ``split`` in a source of ``n`` images that has no split of its own (see ``SPLIT_RULE``):
+    deterministic, disjoint train and test, so held-out images are never training images."""
+    idx = np.arange(n)
+    if split == "all":
+        return idx
+    held = idx % HELD_OUT_EVERY == HELD_OUT_EVERY - 1  # a source of fewer than 10 images keeps all for training
+    return idx[held] if split == "test" else idx[~held]
+
+
+def split_record(n: int, split: str) -> dict:
+    """What :func:`split_indices` did, for ``meta`` (it enters the fingerprint)."""
+    held = np.arange(n) % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+    return {"split_rule": SPLIT_RULE, "held_out_share": float(held.mean()), "images_in_source": int(n)}
 
 
 def subset_indices(n: int, num: int, seed: int, what: str) -> np.ndarray:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+
+from ..data.shards import shard_of
 from ..diffusion import DEFAULT_SCHEDULE, Schedule
 from ..errors import ConfigError
 from .base import REGISTRY, Capabilities, Denoiser, parse_options, register
@@ -24,6 +27,10 @@ def make_denoiser(name: str, data=None, *, schedule: Schedule = DEFAULT_SCHEDULE
                   **options) -> Denoiser:
     """Build the denoiser ``name`` fitted on ``data``; ``options`` are its Config fields (strings allowed).
 
+    ``data`` is an :class:`~localdiff.data.ImageDataset`, a built-in name or path, or images held in memory
+    (a numpy array or torch tensor ``[N, C, H, W]``, uint8 0..255 or floats in [0, 1], the convention of
+    files; see :func:`localdiff.data.as_dataset`).
+
     ``spectrum`` (a :class:`localdiff.stats.Spectrum` of ``data``, e.g. from ``data_spectrum``) hands the
     data's statistics to the models that read them (``uses_statistics``: wiener, masked, linear) instead
     of each one reading them from the cache; the other models ignore it.
@@ -37,6 +44,13 @@ def make_denoiser(name: str, data=None, *, schedule: Schedule = DEFAULT_SCHEDULE
     config = parse_options(cls.Config, options, model=name)
     if data is None:
         raise ConfigError(f"model '{name}' needs a dataset: make_denoiser('{name}', load_dataset(...))")
+    from ..data import as_dataset
+
+    data = as_dataset(data, what=f"the data of model '{name}'")
+    if shard_of(data) is not None and not cls.takes_shards():  # a torchrun job: this model needs every image
+        warnings.warn(f"model '{name}' does not merge the states of the processes: each of them builds it on the "
+                      "whole training set, gathered from the shards", RuntimeWarning, stacklevel=2)
+        data = data.gathered()
     if spectrum is None or not cls.uses_statistics:
         return cls(data, config, schedule)
     fingerprint = getattr(data, "fingerprint", "")

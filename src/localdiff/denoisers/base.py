@@ -62,13 +62,17 @@ class Denoiser:
     Subclasses implement :meth:`denoise` on a validated input (float tensor on ``self.device``, int t),
     declare their options as a ``Config`` dataclass and their guarantees as ``capabilities``;
     :func:`make_denoiser` builds them by name. A model that reads the data's statistics sets
-    ``uses_statistics`` and takes a precomputed ``spectrum=`` keyword.
+    ``uses_statistics`` and takes a precomputed ``spectrum=`` keyword. A model that merges the states of
+    the ranks of a torchrun job exactly sets ``merges_shards`` in its own class body (it is not inherited:
+    a subclass that computes differently gets the whole set until it says it merges) and is given this
+    rank's shard of the training set; any other is given the whole set, gathered on every rank.
     """
 
     name: ClassVar[str] = "denoiser"
     Config: ClassVar[type] = DenoiserConfig
     capabilities: Capabilities = Capabilities()
     uses_statistics: ClassVar[bool] = False
+    merges_shards: ClassVar[bool] = False
 
     def __init__(self, shape: tuple[int, int, int], config: Any, schedule: Schedule | None = None):
         self.shape = tuple(int(s) for s in shape)
@@ -103,6 +107,11 @@ class Denoiser:
         """Rows ``index`` [Q] of ``d x0_hat / d x_t`` at each input ``x_t`` [B, C, H, W]: [B, Q, n] float64.
         Implemented by the models whose ``capabilities.closed_form_jacobian`` is true."""
         raise ConfigError(f"model '{self.name}' has no closed-form Jacobian; use autograd")
+
+    @classmethod
+    def takes_shards(cls) -> bool:
+        """Whether this very class declares ``merges_shards`` (see the class docstring)."""
+        return bool(cls.__dict__.get("merges_shards", False))
 
     def settings(self) -> dict:
         """The options this denoiser was built with (for run records)."""

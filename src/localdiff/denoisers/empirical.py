@@ -2,7 +2,9 @@
 
 Both use the same weights ``w_k ∝ exp(-||x_t - a y_k||^2 / (2 b2))`` (docs/DESIGN.md §2.3). The
 ``||x_t||^2`` term is constant over k and cancels, so the log-weights are computed by one matrix
-product per chunk: ``(a x_t·y_k - a^2 ||y_k||^2 / 2) / b2``.
+product per chunk: ``(a x_t·y_k - a^2 ||y_k||^2 / 2) / b2``. In a torchrun job each rank streams its
+shard and the ranks' states are merged exactly (:func:`localdiff.distributed.merge_ranks`): the softmax
+states of ``optimal``, the top-k candidates of ``top_k``, the best image of ``nearest``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Literal
 
 import torch
 
+from ..distributed import gather, merge_ranks, rank_input
 from ..errors import ConfigError
 from .base import Capabilities, Denoiser, DenoiserConfig, TrainingSet, register, resolve_dtype
 from .softmax import SoftmaxState, merge
@@ -41,6 +44,7 @@ class OptimalDenoiser(Denoiser):
 
     Config = OptimalConfig
     capabilities = Capabilities(closed_form_jacobian=True, single_image_exact=True)
+    merges_shards = True
 
     def __init__(self, data, config: OptimalConfig, schedule=None):
         super().__init__(data.shape, config, schedule)
@@ -55,13 +59,13 @@ class OptimalDenoiser(Denoiser):
 
     def denoise(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         a, b2 = self.schedule.a(t), self.schedule.b2(t)
-        x = x_t.reshape(x_t.shape[0], -1).to(self.dtype)  # [B, n]
+        x = rank_input(x_t.reshape(x_t.shape[0], -1).to(self.dtype), self.train_set.shard)  # [B, n]
         if self.config.top_k is not None:
             return self._top_k(x, a, b2).reshape(x_t.shape)
         state = None
         for _, y, y_sq in self.train_set:
             state = merge(state, SoftmaxState.of(optimal_logits(x, y, y_sq, a, b2), y))
-        return state.mean().reshape(x_t.shape)
+        return merge_ranks(state, self.train_set.shard).mean().reshape(x_t.shape)
 
     def jacobian_rows(self, x_t: torch.Tensor, t: int, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` [Q] of ``d x0_hat / d x_t`` at each input, [B, Q, n].
@@ -80,20 +84,28 @@ class OptimalDenoiser(Denoiser):
         for _, y, y_sq in self.train_set:
             logits = optimal_logits(x, y, y_sq, a, b2).unsqueeze(1)  # [B, 1, k]: one softmax per query
             state = merge(state, SoftmaxState.moments(logits, y, index))
+        state = merge_ranks(state, self.train_set.shard)
         return (a / b2) * state.covariance_rows(index)  # [B, Q, n]
 
     def _top_k(self, x: torch.Tensor, a: float, b2: float) -> torch.Tensor:
         vals = idx = None
         for start, y, y_sq in self.train_set:
             logits = optimal_logits(x, y, y_sq, a, b2)
+            start += self.train_set.offset  # global image indices
             ids = torch.arange(start, start + y.shape[0], device=x.device).expand_as(logits)
             if vals is not None:
                 logits, ids = torch.cat([vals, logits], 1), torch.cat([idx, ids], 1)
             k = min(self.config.top_k, logits.shape[1])
             vals, pos = logits.topk(k, dim=1)
             idx = ids.gather(1, pos)
+        rows = self.train_set.rows(idx)  # [B, k, n]
+        if self.train_set.shard is not None:  # every rank's candidates, in rank order: the top k of all
+            parts = gather((vals, idx, rows))
+            vals, idx, rows = (torch.cat([p[i] for p in parts], 1) for i in range(3))
+            vals, pos = vals.topk(min(self.config.top_k, vals.shape[1]), dim=1)
+            rows = rows.gather(1, pos.unsqueeze(2).expand(-1, -1, rows.shape[2]))
         w = torch.softmax(vals, dim=1)  # [B, k]
-        return torch.einsum("bk,bkn->bn", w, self.train_set.rows(idx))
+        return torch.einsum("bk,bkn->bn", w, rows)
 
 
 @register("nearest")
@@ -102,6 +114,7 @@ class NearestDenoiser(Denoiser):
 
     Config = EmpiricalConfig
     capabilities = Capabilities(piecewise_constant=True, single_image_exact=True)
+    merges_shards = True
 
     def __init__(self, data, config: EmpiricalConfig, schedule=None):
         super().__init__(data.shape, config, schedule)
@@ -112,6 +125,11 @@ class NearestDenoiser(Denoiser):
 
     def nearest_index(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         """Index [B] of the training image with the largest weight at timestep t."""
+        return self._nearest(x_t, t)[0]
+
+    def _nearest(self, x_t: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The winners' indices [B] and images [B, n]: the first largest weight over the whole set (over
+        the ranks' winners in rank order, i.e. in index order, in a torchrun job)."""
         a, b2 = self.schedule.a(t), self.schedule.b2(t)
         x = x_t.reshape(x_t.shape[0], -1).to(device=self.device, dtype=self.dtype)
         best = best_idx = None
@@ -123,7 +141,16 @@ class NearestDenoiser(Denoiser):
             else:
                 better = v > best
                 best, best_idx = torch.where(better, v, best), torch.where(better, i, best_idx)
-        return best_idx
+        best_idx = best_idx + self.train_set.offset
+        rows = self.train_set.rows(best_idx)  # [B, n]
+        if self.train_set.shard is not None:
+            parts = gather((best, best_idx, rows))
+            best, best_idx, rows = parts[0]
+            for v, i, y in parts[1:]:
+                better = v > best
+                best, best_idx = torch.where(better, v, best), torch.where(better, i, best_idx)
+                rows = torch.where(better[:, None], y, rows)
+        return best_idx, rows
 
     def denoise(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        return self.train_set.rows(self.nearest_index(x_t, t)).reshape(x_t.shape)
+        return self._nearest(x_t, t)[1].reshape(x_t.shape)

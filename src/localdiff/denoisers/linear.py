@@ -45,9 +45,9 @@ from dataclasses import dataclass
 from typing import Literal, TypedDict
 
 import torch
-from tqdm.auto import tqdm
 
 from ..diffusion import timesteps_for
+from ..distributed import tqdm
 from ..errors import ConfigError
 from ..stats import Spectrum, data_spectrum
 from .base import Capabilities, Denoiser, DenoiserConfig, register, resolve_dtype

@@ -20,6 +20,8 @@ from typing import Iterator, Literal
 import torch
 import torch.nn.functional as F
 
+from ..data.shards import total_images
+from ..distributed import merge_ranks
 from ..errors import ConfigError
 from .base import Capabilities, register
 from .patches import Padding, PatchConfig, PatchDenoiser, _blocks, box_sum
@@ -53,7 +55,7 @@ def _subset(data, max_train: int | None, seed: int, name: str):
         return data
     if max_train < 1:
         raise ConfigError(f"{name}: max_train must be a positive number of images or None, got {max_train}")
-    return data if len(data) <= max_train else data.subset(max_train, seed=seed)
+    return data if total_images(data) <= max_train else data.subset(max_train, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -94,6 +96,7 @@ class LSDenoiser(PatchDenoiser):
 
     Config = LSConfig
     capabilities = Capabilities(slow_autograd=True, single_image_exact=True)
+    merges_shards = True
 
     def max_patch_size(self) -> int:
         L = max(self.shape[1:])
@@ -105,7 +108,7 @@ class LSDenoiser(PatchDenoiser):
         for y in self._images():
             for yb in _blocks(y, B * (C + 2) * H * W, self.config.block):
                 state = merge(state, ls_state(x, yb, a, b2, d, self.config.padding))
-        return state.mean()
+        return merge_ranks(state, self.train_set.shard).mean()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,6 +222,21 @@ def _family_state(q: torch.Tensor, cand: torch.Tensor, centre: torch.Tensor, fam
     return SoftmaxState(m.view(G, B, I), e.sum(2).view(G, B, I), acc.view(G, B, I, C))
 
 
+def merge_ranks_each(states: list[SoftmaxState], shard) -> list[SoftmaxState]:
+    """Each state merged over the ranks, in one exchange: the list's merge is element-wise."""
+    if shard is None:
+        return states
+    return merge_ranks(_States(list(states)), shard).states
+
+
+@dataclass
+class _States:
+    states: list[SoftmaxState]
+
+    def merge(self, other: "_States") -> "_States":
+        return _States([a.merge(b) for a, b in zip(self.states, other.states)])
+
+
 def _grid(rows: list[int], cols: list[int], W: int, device) -> torch.Tensor:
     r = torch.as_tensor(rows, dtype=torch.long, device=device)
     c = torch.as_tensor(cols, dtype=torch.long, device=device)
@@ -277,7 +295,7 @@ class _EquivariantBase(PatchDenoiser):
         state = None
         for bank in self.banks(size, mode):
             state = merge(state, bank_state(q, qmask, bank, a, b2, self.config.block, buf))
-        return state
+        return merge_ranks(state, self.train_set.shard)
 
 
 @register("els")
@@ -297,6 +315,7 @@ class ELSDenoiser(_EquivariantBase):
     """
 
     Config = ELSConfig
+    merges_shards = True
 
     def max_patch_size(self) -> int:
         L = min(self.shape[1:])
@@ -339,6 +358,7 @@ class BoundaryELSDenoiser(_EquivariantBase):
     """
 
     Config = BoundaryELSConfig
+    merges_shards = True
 
     def _edge_families(self, size: int, device) -> list[_Family]:
         C, H, W = self.shape
@@ -366,7 +386,7 @@ class BoundaryELSDenoiser(_EquivariantBase):
         for y in self._images():
             for yb in _blocks(y, B * (C + 2) * H * W, self.config.block):
                 corners = merge(corners, ls_state(x, yb, a, b2, d, "zeros"))
-        out = corners.mean().reshape(B, C, H * W)
+        out = merge_ranks(corners, self.train_set.shard).mean().reshape(B, C, H * W)
         if H <= 2 * d or W <= 2 * d:
             return out.view(B, C, H, W)
         q = _unfold(x, size, "zeros")  # [B, D, HW]
@@ -388,7 +408,7 @@ class BoundaryELSDenoiser(_EquivariantBase):
                 centre = yb.reshape(yb.shape[0], C, H * W)
                 for n, fam in enumerate(fams):
                     states[n] = merge(states[n], _family_state(q, cand, centre, fam, a, b2))
-        for fam, st in zip(fams, states):
+        for fam, st in zip(fams, merge_ranks_each(states, self.train_set.shard)):
             G, Bq, I, _ = st.acc.shape
             out[:, :, fam.q_idx.reshape(-1)] = st.mean().permute(1, 3, 0, 2).reshape(B, C, G * I)
         return out.view(B, C, H, W)

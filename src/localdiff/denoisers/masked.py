@@ -10,7 +10,10 @@ How it is computed: :mod:`.masked_plan` cuts the output pixels into tiles and pi
 timestep; :mod:`.masked_kernel` streams the training set against every tile with exact max-shifted
 softmax states (worker threads on the CPU, merged at the end). This module holds the model: options,
 per-timestep caches (masks, plans and the query-independent term Q), the plainly written
-differentiable path used under autograd, and the closed-form Jacobian.
+differentiable path used under autograd, and the closed-form Jacobian. In a torchrun job each rank
+streams its shard of the training set and the partial sums are merged over the ranks
+(:func:`localdiff.distributed.merge_ranks`) before the output is formed, so every rank holds the same
+x0_hat; the masks come from the merged statistics, identical on every rank.
 
 Exactness: the default float32 products evaluate the logit in its expanded form, whose terms are
 ``O(|S_i| / b2)`` while differences between images can be O(1): the absolute logit error is about
@@ -32,6 +35,8 @@ from typing import Callable, Literal
 
 import torch
 
+from ..data.shards import total_images
+from ..distributed import merge_ranks, rank_input
 from ..errors import ConfigError
 from ..stats import Spectrum, data_spectrum
 from .base import Capabilities, Denoiser, DenoiserConfig, register, resolve_dtype
@@ -84,12 +89,16 @@ class MaskedDenoiser(Denoiser):
     Config = MaskedConfig
     capabilities = Capabilities(closed_form_jacobian=True, slow_autograd=True, single_image_exact=True)
     uses_statistics = True
+    merges_shards = True
 
     def __init__(self, data, config: MaskedConfig, schedule=None, *, spectrum: Spectrum | None = None,
                  masks: torch.Tensor | Callable[[int], torch.Tensor] | None = None):
         super().__init__(data.shape, config, schedule)
         config = self.config
         self._validate(config)
+        if config.chunk_average is not None and total_images(data) != len(data):
+            raise ConfigError("masked: chunk_average (the official chunk-normalised softmax) depends on how the set "
+                              "is cut into blocks, so it runs in one process; drop it or run without torchrun")
         if config.chunk_average is not None:  # the compatibility mode: autograd only
             self.capabilities = dataclasses.replace(self.capabilities, closed_form_jacobian=False)
         self.dtype = resolve_dtype(config.dtype)
@@ -114,7 +123,8 @@ class MaskedDenoiser(Denoiser):
         else:  # a block [n, k] of about 8 MB (float32) on the CPU, 256 MB on a GPU; on the CPU the tiled
             # path sizes its blocks per timestep instead (see _block_width)
             budget = (64 << 20) if self.device.type == "cuda" else (2 << 20)  # elements
-            chunk = max(256, min(len(data), budget // self.dim))
+            chunk = max(256, min(total_images(data), budget // self.dim))  # the same on every rank: the plan
+            # depends on it, and the ranks' states must have the same tiles
         self.columns = ColumnBlocks(data, device=self.device, dtype=self.dtype, chunk=chunk,
                                     resident=config.resident)
         self._fixed_width = config.chunk is not None or config.chunk_average is not None or self.device.type != "cpu"
@@ -287,7 +297,8 @@ class MaskedDenoiser(Denoiser):
         parts = run_workers(lambda share: stream(inputs, self.columns, share), shares)
         if store:
             self._q[t] = inputs.q_store
-        return functools.reduce(Partial.merge, parts).finish(plan, B, len(self.columns))
+        part = merge_ranks(functools.reduce(Partial.merge, parts), self.columns.shard)  # every rank's images
+        return part.finish(plan, B, self.columns.total)
 
     def _q_operator(self, plan: MaskPlan) -> QOperator:
         """How the query-independent term ``Q = M^T (Y*Y)`` of this plan is computed on a cache miss."""
@@ -309,6 +320,7 @@ class MaskedDenoiser(Denoiser):
         [B, k, n]; used when ``x_t`` requires a gradient. Meant for small sets: autograd keeps every block."""
         M = self.masks(t)
         a, b2, T = self.schedule.a(t), self.schedule.b2(t), self.temperature_at(t)
+        x = rank_input(x, self.columns.shard)
         state = mean_sum = None
         blocks = 0
         for yt in self.columns:
@@ -322,7 +334,9 @@ class MaskedDenoiser(Denoiser):
             else:
                 state = merge(state, part)
             blocks += 1
-        return mean_sum / (blocks + CHUNK_AVERAGE_EPS) if state is None else state.mean()
+        if state is None:
+            return mean_sum / (blocks + CHUNK_AVERAGE_EPS)
+        return merge_ranks(state, self.columns.shard).mean()
 
     # -- closed-form Jacobian -------------------------------------------------------------------
     @torch.no_grad()
@@ -344,6 +358,7 @@ class MaskedDenoiser(Denoiser):
             y = yt.T.to(torch.float64)  # [k, n]
             logits = masked_logits(x, y, Mq, a, b2, T).transpose(1, 2)  # [B, Q, k]: one softmax per query and row
             state = merge(state, SoftmaxState.moments(logits, y, index))
+        state = merge_ranks(state, self.columns.shard)
         return (a / (b2 * T)) * state.covariance_rows(index) * Mq.T[None].to(torch.float64)
 
 

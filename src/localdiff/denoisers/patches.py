@@ -8,7 +8,9 @@ around pixel i. Every softmax is a max-shifted, mergeable :class:`~.softmax.Soft
 the training set in blocks whose temporaries stay below ``block`` elements, so the result does not
 depend on the chunking (up to rounding) and memory does not grow with the data. The ``||Pi_i x_t||^2``
 term of every patch distance is constant over the candidates and cancels. Everything runs on CPU or
-CUDA and is differentiable (autograd) for sensitivity fields.
+CUDA and is differentiable (autograd) for sensitivity fields. In a torchrun job every model streams its
+rank's shard and merges the ranks' softmax states (:func:`localdiff.distributed.merge_ranks`) before
+using them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import ClassVar, Iterator, Literal
 
 import torch
 
+from ..distributed import rank_input
 from ..errors import ConfigError
 from .base import Denoiser, DenoiserConfig, TrainingSet, resolve_dtype
 
@@ -190,7 +193,8 @@ class PatchDenoiser(Denoiser):
         """x0_hat at an explicit patch size (``x_t`` [B, C, H, W] on this denoiser's device)."""
         t = self.schedule.check_t(t)
         size = self.check_patch_size(patch_size)
-        x = x_t.to(device=self.device, dtype=self.dtype)
+        x = rank_input(x_t.to(device=self.device, dtype=self.dtype), self.train_set.shard)  # reaches the output
+        # only through the softmax states, which each model merges over the ranks (merge_ranks)
         return self._denoise(x, self.schedule.a(t), self.schedule.b2(t), size).to(x_t.dtype)
 
     def _denoise(self, x: torch.Tensor, a: float, b2: float, size: int) -> torch.Tensor:  # pragma: no cover

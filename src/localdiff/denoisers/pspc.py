@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..distributed import merge_ranks
 from .base import Capabilities, register
 from .patches import PatchConfig, PatchDenoiser, _blocks, valid_box_sum
 from .softmax import SoftmaxState, merge, shifted_exp
@@ -34,6 +35,7 @@ class PSPCDenoiser(PatchDenoiser):
     Config = PSPCConfig
     capabilities = Capabilities(slow_autograd=True, single_image_exact=True)
     odd_only = False
+    merges_shards = True
 
     def max_patch_size(self) -> int:
         return max(self.shape[1:])
@@ -59,6 +61,7 @@ class PSPCDenoiser(PatchDenoiser):
                 patches = F.unfold(yb, (ph, pw))  # [k, D, Np]
                 acc = torch.einsum("bkp,kdp->bpd", e, patches)  # [B, Np, D]
                 state = merge(state, SoftmaxState(m, e.sum(1), acc))
+        state = merge_ranks(state, self.train_set.shard)  # every rank's training patches
         est = state.mean().transpose(1, 2)  # [B, D, Np]: each placement's patch posterior mean
         total = F.fold(est, (H, W), (ph, pw))
         count = F.fold(torch.ones_like(est[:1]), (H, W), (ph, pw))

@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 
+from ..distributed import merge_ranks, rank_input
 from ..errors import ConfigError
 from .base import Capabilities, Denoiser, DenoiserConfig, register, resolve_dtype
 from .empirical import OptimalConfig, OptimalDenoiser, optimal_logits
@@ -52,6 +53,7 @@ class SmoothedClosedFormDenoiser(Denoiser):
 
     Config = SCFDMConfig
     capabilities = Capabilities(single_image_exact=True)
+    merges_shards = True
 
     def __init__(self, data, config: SCFDMConfig, schedule=None):
         super().__init__(data.shape, config, schedule)
@@ -92,10 +94,11 @@ class SmoothedClosedFormDenoiser(Denoiser):
     def _data_smoothed(self, x, a, b2, sigma):
         v = a * a * sigma * sigma + b2  # variance of x_t given the component k
         xf = x.reshape(x.shape[0], -1)
+        xs = rank_input(xf, self.train_set.shard)  # this rank's share; x also enters directly below
         state = None
         for _, y, y_sq in self.train_set:
-            state = merge(state, SoftmaxState.of(optimal_logits(xf, y, y_sq, a, v), y))
-        y_bar = state.mean()  # sum_k w_k y_k
+            state = merge(state, SoftmaxState.of(optimal_logits(xs, y, y_sq, a, v), y))
+        y_bar = merge_ranks(state, self.train_set.shard).mean()  # sum_k w_k y_k
         return (y_bar + (a * sigma * sigma / v) * (xf - a * y_bar)).view_as(x)
 
 

@@ -1,5 +1,9 @@
 """The training set on the compute device, streamed in blocks: image-major rows for the models that
-compare whole images (optimal, nearest, patch models) and pixel-major columns for the masked model."""
+compare whole images (optimal, nearest, patch models) and pixel-major columns for the masked model.
+
+In a torchrun job the data may be this rank's shard (:mod:`localdiff.data.shards`): both classes then
+stream only its images and say which they are (``shard``, ``offset`` = global index of the first one,
+``total`` = images in the whole set); the models merge the ranks' states (:mod:`localdiff.distributed`)."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Iterator
 import torch
 
 from ..data.dataset import _to_float
+from ..data.shards import shard_of, total_images
 from ..errors import ConfigError
 
 
@@ -24,6 +29,8 @@ class TrainingSet:
         if chunk < 1:
             raise ConfigError(f"chunk must be a positive number of images, got {chunk}")
         self.data, self.device, self.dtype, self.chunk = data, device, dtype, int(chunk)
+        self.shard, self.total = shard_of(data), total_images(data)
+        self.offset = self.shard.start if self.shard is not None else 0
         bytes_needed = len(data) * data.dim * torch.finfo(dtype).bits // 8
         self.resident = bytes_needed <= max_resident_bytes if resident is None else bool(resident)
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -37,7 +44,7 @@ class TrainingSet:
         return self.data.chunks(self.chunk, device=self.device, dtype=self.dtype, flat=True)
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """Yield ``(start, Y [k, n], ||Y||^2 [k])`` over the whole set."""
+        """Yield ``(start, Y [k, n], ||Y||^2 [k])`` over the set (this rank's shard), ``start`` local."""
         start = 0
         if self._cache is not None:
             for y, y_sq in self._cache:
@@ -49,8 +56,10 @@ class TrainingSet:
                 start += y.shape[0]
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
-        """Training images ``[*index.shape, n]`` by index."""
-        flat = index.reshape(-1).cpu().numpy()
+        """Training images ``[*index.shape, n]`` by (global) index; of a shard, only the images it holds."""
+        flat = index.reshape(-1).cpu().numpy() - self.offset
+        if len(flat) and (flat.min() < 0 or flat.max() >= len(self.data)):
+            raise IndexError("rows: an index outside the images this process holds")
         raw = self.data.raw[flat]
         y = _to_float(raw, device=self.device, dtype=self.dtype).reshape(len(flat), -1)
         return y.reshape(*index.shape, -1)
@@ -64,6 +73,7 @@ class ColumnBlocks:
     def __init__(self, data, *, device: torch.device, dtype: torch.dtype, chunk: int,
                  resident: bool | None = None, max_resident_bytes: int = 4 << 30):
         self.data, self.device, self.dtype, self.chunk = data, device, dtype, int(chunk)
+        self.shard, self.total = shard_of(data), total_images(data)
         nbytes = len(data) * data.dim * torch.finfo(dtype).bits // 8
         self.resident = nbytes <= max_resident_bytes if resident is None else bool(resident)
         self._full = None

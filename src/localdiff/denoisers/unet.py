@@ -149,6 +149,42 @@ def prediction_type(info: UNetInfo) -> str:
     return next(iter(found.values()), "epsilon")
 
 
+# What identifies the training data of a network, beyond a subset or split of it: the manifest's
+# "dataset" record (meta of the data it was trained on) against the data's own meta.
+_SOURCE_KEYS = ("source", "resolution", "channels", "channel_conversion", "resize")
+
+
+def data_match(info: UNetInfo, data) -> str:
+    """How the data a network was trained on (its manifest) relate to ``data``: "same" (same fingerprint),
+    "same-source" (another subset or split of the same source, preprocessed alike), "unknown" (no
+    manifest record: a plain diffusers directory) or "foreign" (other data, or another shape)."""
+    m = info.manifest or {}
+    rec, full = m.get("data") or {}, m.get("dataset") or {}
+    if not rec and not full:
+        return "unknown"
+    if rec.get("fingerprint") and rec["fingerprint"] == getattr(data, "fingerprint", None):
+        return "same"
+    shape = rec.get("shape") or full.get("shape")
+    name = rec.get("name") or full.get("name")
+    if (shape is not None and list(shape) != list(data.shape)) or (name is not None and name != data.name):
+        return "foreign"
+    meta = getattr(data, "meta", {}) or {}
+    if full and all(full.get(k) == meta.get(k) for k in _SOURCE_KEYS if k in full or k in meta):
+        return "same-source"
+    return "foreign"
+
+
+def foreign_message(info: UNetInfo, data) -> str:
+    m = info.manifest or {}
+    rec = {**(m.get("dataset") or {}), **(m.get("data") or {})}
+    fp = str(rec.get("fingerprint") or "?")[:12]
+    return (f"the U-Net in {info.directory} was trained on other data: {rec.get('name')} "
+            f"({rec.get('num', rec.get('num_images', '?'))} images of shape {rec.get('shape')}, source "
+            f"{rec.get('source', '?')}, fingerprint {fp}), not on {data.name} ({len(data)} images of shape "
+            f"{list(data.shape)}, source {(getattr(data, 'meta', {}) or {}).get('source', '?')}, fingerprint "
+            f"{data.fingerprint[:12]})")
+
+
 def _differs(a, b) -> bool:
     if isinstance(b, float) and isinstance(a, (int, float)):
         return abs(a - b) > 1e-12
@@ -178,6 +214,7 @@ def load_unet(path: str | Path | UNetInfo, *, dtype: torch.dtype = torch.float32
 class UNetDenoiserConfig(DenoiserConfig):
     path: str | None = None  # a diffusers UNet2DModel directory (default: the weights shipped for the dataset)
     dtype: str = "float32"  # network arithmetic: float32, float64, float16 or bfloat16
+    allow_foreign: bool = False  # use a network whose manifest names other training data (refused otherwise)
 
 
 @register("unet")
@@ -189,6 +226,7 @@ class UNetDenoiser(Denoiser):
 
     Config = UNetDenoiserConfig
     capabilities = Capabilities(trained=True)
+    merges_shards = True  # it reads no training images (only their shape and the dataset's name)
 
     def __init__(self, data, config: UNetDenoiserConfig, schedule=None):
         super().__init__(data.shape, config, schedule)
@@ -198,6 +236,10 @@ class UNetDenoiser(Denoiser):
         self.path = resolve_unet_path(config.path, data.name)
         info = inspect_unet_dir(self.path)
         check_unet_compatible(info, self.shape, self.schedule)
+        self.data_match = data_match(info, data)
+        if self.data_match == "foreign" and not config.allow_foreign:
+            raise ConfigError(f"{foreign_message(info, data)}; use a network trained on these data, or pass "
+                              "--allow-foreign-unet (model option allow_foreign=true) to compare with it anyway")
         self.model, self.info = load_unet(info, dtype=self.dtype, device=self.device)
         self.prediction_type = prediction_type(info)
 
@@ -230,5 +272,6 @@ class UNetDenoiser(Denoiser):
         out["trained_on"] = (m.get("data") or {}).get("name")
         out["train_steps"] = m.get("steps")
         out["prediction_type"] = self.prediction_type
+        out["data_match"] = self.data_match
         out["num_parameters"] = sum(p.numel() for p in self.model.parameters())
         return out

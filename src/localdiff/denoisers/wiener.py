@@ -51,6 +51,7 @@ class WienerDenoiser(Denoiser):
     Config = WienerConfig
     capabilities = Capabilities(closed_form_jacobian=True, constant_jacobian=True, single_image_exact=True)
     uses_statistics = True
+    merges_shards = True  # through its statistics: data_spectrum merges the ranks' moments
 
     def __init__(self, data, config: WienerConfig, schedule=None, *, spectrum: Spectrum | None = None):
         super().__init__(data.shape, config, schedule)

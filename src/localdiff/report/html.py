@@ -38,9 +38,10 @@ FIGURE_TEXT = {
         "Sensitivity fields: where each denoiser looks",
         "For one output pixel (marked +), how much its denoised value changes when each input pixel of the noisy "
         "image changes (the average Jacobian row over noisy held-out images). Red: positive influence, blue: "
-        "negative; each panel has its own colour range. Columns go from little noise (left) to much noise "
-        "(right). The paper's claim: the U-Net's fields are local and resemble those of the Wiener filter, "
-        "which come from the pixel correlations of the data."),
+        "negative. Rows are noise levels (little noise at the top), columns are models; each row has one colour "
+        "scale, shown by its colour bar, so the models of a row compare directly. The paper's claim: the "
+        "U-Net's fields are local and resemble those of the Wiener filter, which come from the pixel "
+        "correlations of the data."),
     "nearest_distances": (
         "Distance to the nearest training image",
         "For each generated image, the distance to the most similar image in the training set. Zero means the "
@@ -68,6 +69,7 @@ figcaption{color:#444;font-size:.93em;max-width:900px}
 .grids{display:flex;flex-wrap:wrap;gap:14px} .grids figure{margin:0;text-align:center} .grids img{image-rendering:pixelated}
 pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.85em;white-space:pre-wrap;word-break:break-all}
 .note{color:#8a5a00} footer{margin-top:2em;color:#666;font-size:.85em}
+.warn{background:#fff4e5;border-left:4px solid #d9822b;padding:.5em .9em;color:#6b3d00}
 """
 
 _CHECK_SCRIPT = """
@@ -104,12 +106,25 @@ def _num(x, fmt: str = "{:.3f}") -> str:
     return fmt.format(x)
 
 
-def _figure(images: dict, key: str, *, title: bool = True) -> str:
+# Without a U-Net the captions drop what refers to it.
+NO_UNET_TEXT = {
+    "samples": "Every row is one model; every column starts from the same random noise, so images in one column "
+               "can be compared directly.",
+    "fields": "For one output pixel (marked +), how much its denoised value changes when each input pixel of the "
+              "noisy image changes (the average Jacobian row over noisy held-out images). Red: positive influence, "
+              "blue: negative. Rows are noise levels (little noise at the top), columns are models; each row has "
+              "one colour scale, shown by its colour bar, so the models of a row compare directly.",
+}
+
+
+def _figure(images: dict, key: str, *, title: bool = True, unet: bool = True, extra: str = "") -> str:
     if key not in images:
         return ""
     head, text = FIGURE_TEXT.get(key, (key, ""))
+    if not unet:
+        text = NO_UNET_TEXT.get(key, text)
     return (f"{'<h2>' + _e(head) + '</h2>' if title else ''}<figure><img src=\"{data_uri(images[key])}\" "
-            f"alt=\"{_e(key)}\"><figcaption>{_e(text)}</figcaption></figure>")
+            f"alt=\"{_e(key)}\"><figcaption>{_e(text)}{' ' + extra if extra else ''}</figcaption></figure>")
 
 
 def _table(header: list[str], rows: list[list[str]], classes: list[str] | None = None) -> str:
@@ -122,6 +137,12 @@ def _table(header: list[str], rows: list[list[str]], classes: list[str] | None =
 def _results_table(m: dict) -> str:
     best = (m.get("closest_to_unet") or {}).get("model")
     rows, classes = [], []
+    if m.get("reference") is None:  # no U-Net: no comparison columns
+        for r in m["table"]:
+            rows.append([_e(r["model"]), _num(r["nearest_train_median"], "{:.2f}"), _num(r["seconds"], "{:.1f}")])
+        ho = m["held_out_nearest_train"]["summary"]["median"]
+        rows.append(["<i>held-out test images</i>", _num(ho, "{:.2f}"), ""])
+        return _table(["model", "median distance to nearest training image", "build + sampling time (s)"], rows)
     for r in m["table"]:
         ref = r["model"] == m.get("reference")
         rows.append([
@@ -141,6 +162,96 @@ def _results_table(m: dict) -> str:
                    "median distance to nearest training image", "build + sampling time (s)"], rows, classes)
 
 
+METRIC_NAMES = {"final_r2": "final R²", "single_step_r2": "single-step R² (mean over steps)",
+                "final_mse": "final MSE (lower is closer)"}
+
+
+def _comparisons(m: dict) -> str:
+    """The paired comparisons: the best model of each metric against every other, on the same noise."""
+    comps = m.get("comparisons") or {}
+    rows = []
+    for metric, records in comps.items():
+        for c in records:
+            ci = c["ci95"]
+            a_better = ci is not None and (ci[1] < 0 if metric == "final_mse" else ci[0] > 0)
+            verdict = f"{_e(c['a'])} closer" if a_better else "tied (interval includes 0)"
+            rows.append([_e(METRIC_NAMES.get(metric, metric)), f"{_e(c['a'])} − {_e(c['b'])}",
+                         f"{c['mean_diff']:+.3f}",
+                         f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci is not None else "–",
+                         f"{c['wins_a']}/{c['n']}", verdict])
+    if not rows:
+        return ""
+    return ("<h2>Paired comparisons</h2><p>Each model is compared with the best model of each metric on the same "
+            "initial noise, sample by sample: the mean of the per-sample differences, its 95% interval (Student "
+            "t over samples) and how often the best model is closer to the U-Net. A model is named closest only "
+            "when every interval against it lies on one side of zero; otherwise the models are tied.</p>"
+            + _table(["metric", "difference", "mean", "95% interval", "wins", "verdict"], rows))
+
+
+def _reference_quality(m: dict) -> str:
+    """The U-Net's own held-out denoising error beside Wiener's and optimal's, and what it was trained on."""
+    q = m.get("reference_quality")
+    if not q:
+        return ""
+    rows = []
+    for t in q["timesteps"]:
+        t = str(t)
+        mse = {k: q["mse"][k][t] for k in q["mse"]}
+        cw = q["unet_minus"]["wiener"][t]
+        ci = cw["ci95"]
+        verdict = ("<b>worse than Wiener</b>" if ci is not None and ci[0] > 0 else
+                   "better than Wiener" if ci is not None and ci[1] < 0 else "tied with Wiener")
+        rows.append([t] + [f"{mse[k]['mse']:.4f} ± {mse[k]['se']:.4f}" for k in ("unet", "wiener", "optimal")]
+                    + [f"{cw['mean_diff']:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "–", verdict])
+    net = q["network"]
+    cfg = net.get("model_config") or {}
+    about = (f"Network: {_e(net['path'])}; {net['num_parameters'] / 1e6:.2f} M parameters"
+             + (f", {cfg.get('base_channels')} base channels x {cfg.get('channel_mult')}" if cfg else "")
+             + f", {_e(net.get('prediction_type'))} prediction"
+             + (f", {net['steps']:,} steps ({net['epochs']:.1f} epochs)" if net.get("steps") else "")
+             + (f" on {_e(net['device'])}" if net.get("device") else "")
+             + (f"; trained on {_e(net['trained_on'])} (data fingerprint {_e(str(net['data_fingerprint'])[:12])}, "
+                f"{_e(net['data_match'])} as these data)" if net.get("trained_on") else "; no manifest")
+             + (" <b>(an interim network)</b>" if net.get("interim") else "") + ".")
+    return ("<h2>How good is the reference?</h2><p>Every comparison above is with this U-Net, so it is only as "
+            f"meaningful as the network is good. Its denoising error on {q['num_images']} held-out images at the "
+            "study's timesteps, beside the best linear denoiser (Wiener) and the exact optimum on the training set "
+            "(optimal), on the same noisy images (per-pixel MSE ± standard error; the difference is paired).</p>"
+            + _table(["t", "U-Net MSE", "Wiener MSE", "optimal MSE", "U-Net − Wiener [95% interval]", ""], rows)
+            + f"<p>{about}</p>")
+
+
+def _warnings(m: dict) -> str:
+    ws = m.get("warnings") or []
+    return "".join(f"<p class=\"warn\">Warning: {_e(w)}.</p>" for w in ws)
+
+
+def _field_note(m: dict) -> str:
+    """Row scales of the field figure, and a line where every analytical model's field coincides."""
+    scales = m.get("field_scales") or {}
+    parts = []
+    if scales:
+        parts.append("Row scales (largest |field| of the row): "
+                     + ", ".join(f"t = {t}: {v:.3g}" for t, v in scales.items()) + ".")
+    sim = m.get("field_similarity") or {}
+    ref = m.get("reference")
+    pairs = {k: v for k, v in sim.items() if ref is None or ref not in k.split("|")}
+    if pairs:
+        ts = next(iter(pairs.values())).keys()
+        same = [t for t in ts if min(v[t] for v in pairs.values()) >= 0.99]
+        if same:
+            parts.append(f"At t = {', '.join(same)} every analytical model's field is the same (cosines ≥ 0.99): at "
+                         "high noise every posterior-mean estimate is dominated by the data covariance (the Wiener "
+                         "gain tends to (a²/b²) Σ), so the fields of wiener, optimal and masked coincide there and "
+                         "cannot tell the models apart.")
+    if ref is not None:
+        anti = sorted({t for k, v in sim.items() if ref in k.split("|") for t, c in v.items() if c < 0})
+        if anti:
+            parts.append(f"The U-Net's field is anti-correlated with an analytical model's at t = {', '.join(anti)}: a "
+                         "sign that the reference has not learnt that noise level.")
+    return " ".join(parts)
+
+
 def _locality_table(m: dict) -> str:
     rows = []
     for name, entry in m["models"].items():
@@ -151,14 +262,16 @@ def _locality_table(m: dict) -> str:
             per_pixel = f["locality"][str(t)]
             first = next(iter(per_pixel.values()))
             cos = (f.get("cosine_to_unet") or {}).get(str(t))
-            rows.append([_e(name), str(t), _num(first["r50"], "{:.1f}"), _num(first["r90"], "{:.1f}"),
-                         _num(first.get("energy_5x5"), "{:.2f}"), _num(cos, "{:.2f}")])
+            row = [_e(name), str(t), _num(first["r50"], "{:.1f}"), _num(first["r90"], "{:.1f}"),
+                   _num(first.get("energy_5x5"), "{:.2f}")]
+            rows.append(row + ([_num(cos, "{:.2f}")] if m.get("reference") else []))
     if not rows:
         return ""
+    head = ["model", "t", "r50", "r90", "energy in 5x5"] + (["cosine with U-Net"] if m.get("reference") else [])
     return ("<p>Locality of the first field pixel: r50 / r90 are the radii (in pixels) holding 50% / 90% of the "
-            "field's energy; 5x5 is the energy fraction inside the 5x5 window around the pixel; the last column "
-            "is the cosine similarity with the U-Net's field (1 = same shape).</p>"
-            + _table(["model", "t", "r50", "r90", "energy in 5x5", "cosine with U-Net"], rows))
+            "field's energy; 5x5 is the energy fraction inside the 5x5 window around the pixel"
+            + ("; the last column is the cosine similarity with the U-Net's field (1 = same shape)" if m.get("reference")
+               else "") + ".</p>" + _table(head, rows))
 
 
 def study_report(metrics: dict, images: dict[str, bytes], grids: dict[str, bytes] | None = None) -> str:
@@ -168,12 +281,13 @@ def study_report(metrics: dict, images: dict[str, bytes], grids: dict[str, bytes
     ds = m["dataset"]
     cfg = m["config"]
     best = m.get("closest_to_unet")
-    if m.get("reference") is None:
+    unet = m.get("reference") is not None
+    if not unet:
         lead = ("No U-Net was used (--no-unet), so nothing was compared with it: R² and MSE against the U-Net "
                 "were not computed. The samples, fields and memorisation distances below are still valid.")
     elif best:
-        lead = (f"Closest to the U-Net: <b>{_e(best['model'])}</b>, whose final samples reach a mean R² of "
-                f"<b>{best['final_r2']:.3f}</b> against the U-Net's samples from the same noise.")
+        lead = (f"{_e(m['headline']['sentence'][0].upper() + m['headline']['sentence'][1:])}, over {cfg['num']} "
+                f"samples from the same noise (best mean final R² {best['final_r2']:.3f}, {_e(best['best_mean'])}).")
     else:
         lead = "No analytical model was compared with the U-Net."
     fitted = m["fitted_on"]["num_images"]
@@ -183,16 +297,18 @@ def study_report(metrics: dict, images: dict[str, bytes], grids: dict[str, bytes
              + f"; {cfg['num']} samples per model, {cfg['steps']} {cfg['sampler'].upper()} steps "
              f"(timesteps {', '.join(map(str, m['timesteps']))}), seed {cfg['seed']}, device {_e(m['device'])}; "
              f"total time {m['timings_s'].get('total', float('nan')):.0f} s.")
-    parts = [f"<h1>localdiff study: {_e(ds['name'])}</h1>", f"<p class=\"lead\">{lead}</p>", f"<p>{setup}</p>",
-             "<h2>Results</h2>", _results_table(m),
-             "<p>Final R² compares finished samples with the U-Net's finished samples from the same starting noise "
-             "(the paper's table); single-step R² averages the per-step comparison in which the U-Net sees the "
-             "model's own noisy image. The distance column measures memorisation (0 = a copy of a training image); "
-             "the last row gives real held-out images for comparison.</p>"]
+    explain = ("<p>Final R² compares finished samples with the U-Net's finished samples from the same starting "
+               "noise (the paper's table; mean ± standard deviation over samples); single-step R² averages the "
+               "per-step comparison in which the U-Net sees the model's own noisy image. " if unet else "<p>") + \
+        ("The distance column measures memorisation (0 = a copy of a training image); the last row gives real "
+         "held-out images for comparison.</p>")
+    parts = [f"<h1>localdiff study: {_e(ds['name'])}</h1>", f"<p class=\"lead\">{lead}</p>", _warnings(m),
+             f"<p>{setup}</p>", "<h2>Results</h2>", _results_table(m), explain, _comparisons(m),
+             _reference_quality(m)]
     if m.get("r2_note"):
         parts.append(f"<p class=\"note\">{_e(m['r2_note'])}</p>")
     for key in ("r2_per_step", "mse_per_step", "final_r2", "samples"):
-        parts.append(_figure(images, key))
+        parts.append(_figure(images, key, unet=unet))
     if grids:
         parts.append("<h3>Sample grids</h3><p>One grid per model; the image at the same position in every grid "
                      "starts from the same noise.</p><div class=\"grids\">")
@@ -200,7 +316,7 @@ def study_report(metrics: dict, images: dict[str, bytes], grids: dict[str, bytes
             parts.append(f"<figure><img src=\"{data_uri(png)}\" alt=\"grid {_e(name)}\"><figcaption>{_e(name)}"
                          "</figcaption></figure>")
         parts.append("</div>")
-    parts.append(_figure(images, "fields"))
+    parts.append(_figure(images, "fields", unet=unet, extra=_e(_field_note(m))))
     parts.append(_locality_table(m))
     skipped = {n: e["fields"]["skipped"] for n, e in m["models"].items()
                if (e.get("fields") or {}).get("skipped")}
@@ -255,7 +371,8 @@ def experiment_report(record: dict, summary_png: bytes, field_pngs: dict[str, by
     field figure."""
     sets = record["sets"]
     cols = [(k, h) for k, h in EXPERIMENT_COLUMNS if any(k in v["summary"] for v in sets.values())]
-    rows = [[_e(name)] + [_num(v["summary"].get(k)) for k, _ in cols] for name, v in sets.items()]
+    rows = [[_e(name)] + [_num(v["summary"].get(k)) for k, _ in cols]
+            + [_e((v.get("verdict") or {}).get("text", "–"))] for name, v in sets.items()]
     per_t = []
     for name, v in sets.items():
         for t, pixels in v["per_timestep"].items():
@@ -273,7 +390,8 @@ def experiment_report(record: dict, summary_png: bytes, field_pngs: dict[str, by
         f"<p>U-Net config <b>{_e(cfg['unet_config'])}</b>, {cfg['train_steps']} training steps per set; fields at "
         f"t = {', '.join(map(str, cfg['timesteps']))}, {cfg['draws']} noisy held-out images each.</p>",
         "<h2>Summary (means over timesteps and pixels)</h2>",
-        _table(["set"] + [h for _, h in cols], rows),
+        _table(["set"] + [h for _, h in cols] + ["U-Net field closer to (paired over t x pixel, 95% interval)"],
+               rows),
         "<p>Cosine: 1 = the same shape. The blob is an isotropic Gaussian centred on the pixel with the same "
         "energy radius r50 as the U-Net's own field. Extent ratio: vertical over horizontal extent of the field "
         "(its own pixel left out); the data correlation ratio comes from neighbouring-pixel correlations.</p>",
@@ -284,9 +402,10 @@ def experiment_report(record: dict, summary_png: bytes, field_pngs: dict[str, by
         "<h2>Fields</h2>",
     ]
     for name, png in field_pngs.items():
-        parts.append(_img(png, f"fields {name}", f"{name}: rows are the data's covariance row of the pixel, "
+        parts.append(_img(png, f"fields {name}", f"{name}: columns are the data's covariance row of the pixel, "
                           "the Wiener field, the U-Net's field and (if fitted) the trained linear model's field; "
-                          "columns are timesteps, little noise on the left. Red positive, blue negative."))
+                          "rows are timesteps, little noise at the top, one colour scale per row. Red positive, "
+                          "blue negative."))
     parts += ["<h2>Run details</h2>", f"<pre>{_e(record.get('command', ''))}</pre>",
               _table(["package", "version"], [[_e(k), _e(v)] for k, v in (record.get("versions") or {}).items()]),
               "<footer>Generated by localdiff. <span id=\"image-check\">(image check needs JavaScript)</span></footer>"]

@@ -11,7 +11,8 @@ Everything that makes a run reproducible is explicit state, saved in every check
 (:mod:`.checkpoints`): the weights, AdamW's state, the EMA weights, the data order ``(seed, epoch,
 position)``, the states of the two ``torch.Generator`` s that draw timesteps, noise, flips and dropout
 seeds, and the step. A run resumed from a checkpoint therefore continues exactly as the uninterrupted
-run would have.
+run would have. Over the processes of a torchrun job, :mod:`.distributed` trains the same recipe with
+DistributedDataParallel (global batch = processes x ``batch_size``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -37,6 +36,7 @@ from .checkpoints import (CheckpointError, find_checkpoint, join_optimizer_state
 from ..device import device_name
 from .configs import TrainConfig, UNetConfig, build_unet, schedule_record
 from .recipe import DataOrder, ema_decay_at, lr_at, mix_seed, warmup_for
+from .signals import TrainingInterrupted, deferred_signals
 
 MANIFEST_FORMAT = "localdiff-unet/1"
 MANIFEST_NAME = "localdiff_unet.json"
@@ -50,38 +50,7 @@ __all__ = ["UNetTrainer", "TrainingInterrupted", "DataOrder", "CheckpointError",
            "WEIGHTS_NAME"]
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """Raised by :meth:`UNetTrainer.fit` after Ctrl-C / SIGTERM, once the current step is checkpointed."""
-
-    def __init__(self, step: int, checkpoint: Path | None, signame: str):
-        super().__init__(f"training interrupted by {signame} at step {step}")
-        self.step, self.checkpoint, self.signame = step, checkpoint, signame
-
-
 # -- the trainer -----------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _deferred_signals(enabled: bool):
-    """Turn the first SIGINT/SIGTERM into a flag checked between steps; a second Ctrl-C aborts at once."""
-    flag: dict[str, str | None] = {"sig": None}
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handler(signum, frame):
-        if flag["sig"] is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        flag["sig"] = signal.Signals(signum).name
-
-    try:
-        for s in previous:
-            signal.signal(s, handler)
-        yield flag
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
 
 class UNetTrainer:
     """Trains a diffusers ``UNet2DModel`` on ``E ||target - net(x_t, t)||^2`` with ``t ~ U{0..T-1}``,
@@ -122,6 +91,7 @@ class UNetTrainer:
 
         self.images = torch.from_numpy(data.raw).to(self.device)  # [N, C, H, W] uint8 or float32, resident
         self.order = DataOrder(len(data), seed=cfg.seed)
+        self.rank, self.world_size = 0, 1  # this process's rows of each global batch (see unet/distributed.py)
         self.gen = torch.Generator(device=self.device).manual_seed(mix_seed(cfg.seed, 1))  # t, noise, flips
         self.cpu_gen = torch.Generator().manual_seed(mix_seed(cfg.seed, 2))  # dropout seeds
         self.sqrt_ab = schedule.alpha_bar.sqrt().to(self.device, torch.float32)  # [T] a_t
@@ -142,20 +112,27 @@ class UNetTrainer:
         self.clock: Callable[[], float] = time.perf_counter  # wall clock of fit() (a test can pass a fake one)
 
     # -- one optimisation step ------------------------------------------------------------------
+    def _mine(self, draw: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a draw for the global batch (``world_size`` equal parts, in rank order)."""
+        b = draw.shape[0] // self.world_size
+        return draw[self.rank * b:(self.rank + 1) * b]
+
     def _batch(self) -> torch.Tensor:
-        idx = self.order.take(self.config.batch_size).to(self.device, non_blocking=True)
+        G = self.config.batch_size * self.world_size  # the global batch: every process draws all of it
+        idx = self._mine(self.order.take(G)).to(self.device, non_blocking=True)
         x0 = self.images[idx]
         x0 = x0.to(torch.float32) / 127.5 - 1.0 if x0.dtype == torch.uint8 else x0.to(torch.float32)
         if self.config.hflip:
-            flip = torch.rand(x0.shape[0], generator=self.gen, device=self.device) < 0.5
+            flip = self._mine(torch.rand(G, generator=self.gen, device=self.device)) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         return x0  # [B, C, H, W] on [-1, 1]
 
     def loss(self, x0: torch.Tensor) -> torch.Tensor:
         """The v- or epsilon-prediction loss on a batch ``x0`` [B, C, H, W] (draws t and eps from ``self.gen``)."""
-        B = x0.shape[0]
-        t = torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=self.gen, device=self.device)
-        eps = torch.randn(x0.shape, generator=self.gen, device=self.device, dtype=torch.float32)
+        B, dev = x0.shape[0], self.device
+        G = B * self.world_size  # t and eps are drawn for the global batch
+        t = self._mine(torch.randint(0, self.schedule.num_train_timesteps, (G,), generator=self.gen, device=dev))
+        eps = self._mine(torch.randn((G, *x0.shape[1:]), generator=self.gen, device=dev, dtype=torch.float32))
         a, s = self.sqrt_ab[t].view(B, 1, 1, 1), self.sqrt_1m_ab[t].view(B, 1, 1, 1)
         x_t = a * x0 + s * eps  # q(x_t | x0)
         target = a * eps - s * x0 if self.config.prediction == "v" else eps  # [B, C, H, W]
@@ -169,6 +146,7 @@ class UNetTrainer:
     def _seeded_global_rng(self):
         """Dropout draws from the global RNG: fork it and seed it from ``cpu_gen`` for this step only."""
         seed = int(torch.randint(0, 2**62, (1,), generator=self.cpu_gen))
+        seed = mix_seed(seed, self.rank) if self.rank else seed  # each process its own dropout masks
         if self.cuda:
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
             with torch.random.fork_rng(devices=[index], device_type="cuda"):
@@ -220,6 +198,10 @@ class UNetTrainer:
                 self._block = [0.0, 0]
 
     # -- the loop -------------------------------------------------------------------------------
+    def signal_flag(self, enabled: bool):
+        """The flag fit() checks between steps, set by the first Ctrl-C or SIGTERM (:mod:`.signals`)."""
+        return deferred_signals(enabled)
+
     def set_total_steps(self, total: int) -> None:
         """Fix the run's length for the learning-rate schedule (and the warm-up that goes with it).
 
@@ -258,7 +240,7 @@ class UNetTrainer:
         finish, writes a checkpoint (when ``checkpoint_dir`` is set) and raises :class:`TrainingInterrupted`.
         ``callback(trainer)`` runs after every step.
         """
-        from tqdm.auto import tqdm
+        from ..distributed import tqdm
 
         if steps is None and budget_s is None and total_steps is None and self.total_steps is None:
             raise ConfigError("fit() needs steps, a time budget (budget_s), or both")
@@ -312,7 +294,7 @@ class UNetTrainer:
 
         ckpt_s = 0.0  # measured cost of one checkpoint (0 without checkpoints)
         try:
-            with _deferred_signals(handle_signals) as flag:
+            with self.signal_flag(handle_signals) as flag:
                 if planning:
                     self._plan_budget(budget_s, steps, t0, lambda: advance(flag), checkpoint_dir,
                                       checkpoint_every, keep_checkpoints)
@@ -407,6 +389,7 @@ class UNetTrainer:
             "schedule": schedule_record(self.schedule, self.config.prediction),
             "lr_schedule": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps},
             "plan": self.plan,
+            "world_size": self.world_size,  # processes: the global batch is world_size x batch_size
             "data": {"name": self.data.name, "fingerprint": self.data.fingerprint, "num": len(self.data),
                      "shape": list(self.data.shape)},
             "optimizer": opt_rest,
@@ -439,6 +422,11 @@ class UNetTrainer:
             if value is not None:
                 tc[key] = value
         trainer = cls(data, UNetConfig.from_dict(state["model_config"]), TrainConfig.from_dict(tc), schedule)
+        procs = state.get("world_size", 1)
+        if procs != trainer.world_size:  # the global batch (procs x batch size) is part of the recipe
+            raise ConfigError(f"--resume: the checkpoint was trained by {procs} process(es) (global batch "
+                              f"{procs * tc['batch_size']}); resume it with {procs} (torchrun --nproc-per-node), not "
+                              f"{trainer.world_size}")
         trainer._load_state(ckpt, state)
         return trainer
 

@@ -226,6 +226,8 @@ def test_equivariant_with_two_channels_equals_brute_force_and_autograd(tmp_cache
     for b in range(2):
         J = torch.autograd.functional.jacobian(lambda v: den(v, t).reshape(-1), xt[b:b + 1]).reshape(50, 50)
         torch.testing.assert_close(rows[b], J[index], atol=1e-8, rtol=1e-6)
+    streamed = make_denoiser("masked-equivariant", data, device="cpu", tau=0.15, dtype="float64", bank_mb=0)
+    torch.testing.assert_close(streamed.jacobian_rows(xt, t, index), rows, atol=1e-10, rtol=0)  # unmerged banks
 
 
 def test_equivariant_at_tau_zero_is_the_optimal_denoiser(tmp_cache):

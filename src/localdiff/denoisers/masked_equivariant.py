@@ -25,7 +25,8 @@ Cost: ``B sum_F |F|^2 K |D_F|`` multiply-adds per call (families F of positions)
 for masked: tens of times more on MNIST. It is exact by default (every training image);
 ``max_train=N`` is an explicitly named approximation (a seeded subset of N images, recorded in the
 settings), like ``els``. Identical candidate patches (blank background) are merged exactly, with their
-multiplicity, and the merged banks are kept between calls within ``bank_mb``.
+multiplicity, and the merged banks are kept between calls within ``bank_mb``; a set whose patches do
+not fit in ``bank_mb`` is streamed from the training images block by block (exact, without merging).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 
@@ -63,7 +64,7 @@ class MaskedEquivariantConfig(DenoiserConfig):
     seed: int = 0  # seed of that subset
     dtype: Literal["float32", "float64"] = "float32"  # arithmetic of the patch products
     block: int = 1 << 21  # elements of the largest logit temporary
-    bank_mb: int = 1024  # memory for candidate-patch banks kept between calls; 0 rebuilds them every call
+    bank_mb: int = 1024  # memory for candidate-patch banks kept between calls; larger sets (or 0) are streamed
     chunk: int = 4096  # training images per chunk when building banks (the result does not depend on it)
     cache: bool = True  # reuse the on-disk statistics cache
 
@@ -183,7 +184,7 @@ class MaskedEquivariantDenoiser(Denoiser):
                                      dtype=self.dtype, chunk=c.chunk)
         self._stencils: dict[int, Stencil] = {}
         self._families: dict[int, list[list[Family]]] = {}
-        self._banks: OrderedDict[int, list[list[_Bank]]] = OrderedDict()
+        self._banks: OrderedDict[int, list[list[_Bank]]] = OrderedDict()  # per t, channel, family
 
     def settings(self) -> dict:
         out = super().settings()
@@ -215,30 +216,46 @@ class MaskedEquivariantDenoiser(Denoiser):
             self._families[t] = [families_of(o, w, c, self.shape) for c, (o, w) in enumerate(zip(st.offsets, st.weights))]
         return self._families[t]
 
-    def _bank(self, fam: Family) -> _Bank:
-        """Every training image's patches at the family's positions, scaled by sqrt(W), merged exactly."""
+    def _rows(self, fam: Family):
+        """The family's patches of every training image, scaled by sqrt(W), in blocks of images [k*P, D]."""
         scale = fam.weights.to(self.device, self.dtype).sqrt()  # [D]
         gather = fam.gather.to(self.device)
         step = max(1, BANK_BLOCK // gather.numel())
-        rows = torch.cat([y[s0:s0 + step, gather].reshape(-1, gather.shape[1]) * scale
-                          for _, y, _ in self.train_set for s0 in range(0, y.shape[0], step)])
-        rows, counts = torch.unique(rows, dim=0, return_counts=True)
-        vals = torch.stack([rows[:, fam.centre] / scale[fam.centre], rows.new_ones(rows.shape[0])])  # [2, N]
-        return _Bank(rows.t().contiguous(), (rows * rows).sum(1), counts.to(rows.dtype).log(), vals.contiguous())
+        for _, y, _ in self.train_set:
+            for s0 in range(0, y.shape[0], step):
+                yield y[s0:s0 + step, gather].reshape(-1, gather.shape[1]) * scale
 
-    def banks(self, t: int) -> list[list[_Bank]]:
-        """The candidate banks of every family at timestep t (kept within ``bank_mb``)."""
-        if t in self._banks:
-            self._banks.move_to_end(t)
-            return self._banks[t]
-        banks = [[self._bank(f) for f in fams] for fams in self.families(t)]
-        size = sum(b.nbytes() for per_c in banks for b in per_c)
-        budget = self.config.bank_mb << 20
-        while self._banks and sum(b.nbytes() for v in self._banks.values() for bs in v for b in bs) + size > budget:
-            self._banks.popitem(last=False)
-        if size <= budget:
-            self._banks[t] = banks
-        return banks
+    def _bank(self, fam: Family, rows: torch.Tensor, dedup: bool) -> _Bank:
+        """Candidate patches ``rows`` [N, D] as a bank; ``dedup`` merges identical ones (exact, counted)."""
+        if dedup:
+            rows, counts = torch.unique(rows, dim=0, return_counts=True)
+            logn = counts.to(rows.dtype).log()
+        else:
+            logn = rows.new_zeros(rows.shape[0])
+        centre = rows[:, fam.centre] / fam.weights[fam.centre].to(rows).sqrt()
+        vals = torch.stack([centre, rows.new_ones(rows.shape[0])])  # [2, N]
+        return _Bank(rows.t().contiguous(), (rows * rows).sum(1), logn, vals.contiguous())
+
+    def banks(self, t: int, c: int, f: int) -> Iterator[_Bank]:
+        """The candidate banks of family f of output channel c at timestep t. When every family of t fits
+        in ``bank_mb`` (before merging identical patches), they are built once, merged and kept (the
+        oldest timesteps make room); otherwise they are streamed from the training set in blocks."""
+        if t not in self._banks:
+            fams = self.families(t)
+            size = len(self.train_set) * sum(fm.gather.numel() for per_c in fams for fm in per_c) \
+                * self.dtype.itemsize
+            budget = self.config.bank_mb << 20
+            if size > budget:
+                for rows in self._rows(self.families(t)[c][f]):
+                    yield self._bank(self.families(t)[c][f], rows, dedup=False)
+                return
+            built = [[self._bank(fm, torch.cat(list(self._rows(fm))), dedup=True) for fm in per_c] for per_c in fams]
+            used = sum(b.nbytes() for bs in built for b in bs)
+            while self._banks and used + sum(b.nbytes() for v in self._banks.values() for bs in v for b in bs) > budget:
+                self._banks.popitem(last=False)
+            self._banks[t] = built
+        self._banks.move_to_end(t)
+        yield self._banks[t][c][f]
 
     # -- the denoiser -------------------------------------------------------------------------------
     def denoise(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
@@ -249,13 +266,15 @@ class MaskedEquivariantDenoiser(Denoiser):
         a, b2T = self.schedule.a(t), self.schedule.b2(t) * self.temperature_at(t)
         HW = self.shape[1] * self.shape[2]
         pixels, means = [], []
-        for c, (fams, banks) in enumerate(zip(self.families(t), self.banks(t))):
-            for fam, bank in zip(fams, banks):
-                if grad:
-                    bank = _Bank(*(v.to(torch.float64) for v in (bank.pt, bank.sq, bank.logn, bank.vals)))
+        for c, fams in enumerate(self.families(t)):
+            for f, fam in enumerate(fams):
                 scale = fam.weights.to(x.device, dtype).sqrt()
                 q = x[:, fam.gather.to(x.device)].reshape(-1, fam.gather.shape[1]) * scale  # [B*P, D]
-                st = bank_softmax(q, bank, a, b2T, self.config.block)
+                st = None
+                for bank in self.banks(t, c, f):
+                    if grad:
+                        bank = _Bank(*(v.to(torch.float64) for v in (bank.pt, bank.sq, bank.logn, bank.vals)))
+                    st = merge(st, bank_softmax(q, bank, a, b2T, self.config.block))
                 means.append((st.acc[:, 0] / st.s).view(B, -1))  # [B, P]
                 pixels.append(c * HW + fam.positions)
         idx = torch.cat(pixels).to(x.device)  # every output pixel exactly once
@@ -280,13 +299,17 @@ class MaskedEquivariantDenoiser(Denoiser):
             for fi, fam in enumerate(fams):
                 for pi, p in enumerate(fam.positions.tolist()):
                     where[c * HW + p] = (c, fi, pi)
-        banks = self.banks(t)
         for qi, i in enumerate(index.tolist()):
             c, fi, pi = where[int(i)]
-            fam, bank = self.families(t)[c][fi], banks[c][fi]
+            fam = self.families(t)[c][fi]
             scale = fam.weights.to(self.device, torch.float64).sqrt()
             q = x[:, fam.gather[pi].to(self.device)] * scale  # [B, D]
-            cov = _patch_covariance(q, bank, a, b2T)  # [B, D]: Cov_w(centre, scaled patch value)
+            state = None
+            for bank in self.banks(t, c, fi):
+                state = merge(state, _patch_moments(q, bank, a, b2T))
+            D = q.shape[1]
+            mean = state.mean()  # E[p], E[v p], E[v]
+            cov = mean[:, D:2 * D] - mean[:, 2 * D:] * mean[:, :D]  # [B, D]: Cov_w(centre, scaled patch value)
             rows[:, qi].index_add_(1, fam.gather[pi].to(self.device), (a / b2T) * cov * scale)
         return rows
 
@@ -323,9 +346,9 @@ def bank_softmax(q: torch.Tensor, bank: _Bank, a: float, b2T: float, block: int)
     return state
 
 
-def _patch_covariance(q: torch.Tensor, bank: _Bank, a: float, b2T: float) -> torch.Tensor:
-    """``Cov_w(v, p)`` [B, D] of the centre value v and the (scaled) patch p over the bank's candidates,
-    weighted by the softmax of ``log n + (a <q, p> - a^2 ||p||^2 / 2) / b2T`` (float64, streamed)."""
+def _patch_moments(q: torch.Tensor, bank: _Bank, a: float, b2T: float) -> SoftmaxState:
+    """Softmax state of ``[p, v p, v]`` [B, 2D + 1] (p the scaled patch, v the centre value) over the bank's
+    candidates, weighted by ``log n + (a <q, p> - a^2 ||p||^2 / 2) / b2T`` (float64, streamed)."""
     pt = bank.pt.to(torch.float64)  # [D, N]
     vals = bank.vals.to(torch.float64)  # [2, N]: centre, 1
     state = None
@@ -336,11 +359,9 @@ def _patch_covariance(q: torch.Tensor, bank: _Bank, a: float, b2T: float) -> tor
         m = logits.amax(1)
         e = torch.exp(logits - m[:, None])
         v = vals[0, s0:s0 + p.shape[1]]
-        acc = torch.cat([e @ p.T, (e * v) @ p.T, (e @ v)[:, None]], dim=1)  # E[p], E[v p], E[v] (unnormalised)
+        acc = torch.cat([e @ p.T, (e * v) @ p.T, (e @ v)[:, None]], dim=1)  # unnormalised E[p], E[v p], E[v]
         state = merge(state, SoftmaxState(m, e.sum(1), acc))
-    D = q.shape[1]
-    mean = state.mean()
-    return mean[:, D:2 * D] - mean[:, 2 * D:] * mean[:, :D]
+    return state
 
 
 __all__ = ["MaskedEquivariantConfig", "MaskedEquivariantDenoiser", "averaged_gain", "stencil_of", "families_of",

@@ -42,6 +42,7 @@ from ..stats import Spectrum, data_spectrum
 from .base import Capabilities, Denoiser, DenoiserConfig, register, resolve_dtype
 from .masked_kernel import CHUNK_AVERAGE_EPS, LOG2E, KernelInputs, Partial, QOperator, run_workers, stream
 from .masked_plan import MaskPlan, PlanPath, plan_masks
+from .masked_schedule import MaskedSchedule, read_masked_schedule
 from .masks import Normalization, default_tau, masked_logits, pixels_outside_own_mask, wiener_masks
 from .softmax import SoftmaxState, merge, shifted_exp
 from .training_set import ColumnBlocks
@@ -53,6 +54,8 @@ BLOCK_ELEMENTS = 450_000  # CPU: a tile's gathered rows plus logits per block of
 class MaskedConfig(DenoiserConfig):
     tau: float | None = None  # mask threshold, a fraction of max |normalised G_t|; None = by image shape
     temperature: float = 1.0  # softmax temperature T
+    tau_schedule: str | None = None  # JSON file timestep -> tau and temperature (localdiff calibrate-masked);
+    # overrides tau and temperature
     normalize: Normalization = "diag"  # mask normalisation: "diag" (official, row by its diagonal) or "sym"
     chunk: int | None = None  # training images per streamed block (None: per timestep on the CPU); exact mode
     # does not depend on it
@@ -103,6 +106,10 @@ class MaskedDenoiser(Denoiser):
             self.tau, self.tau_rule = default_tau(self.shape)
         else:
             self.tau, self.tau_rule = float(config.tau), "given"
+        self.tau_schedule: MaskedSchedule | None = None
+        if config.tau_schedule is not None:
+            self.tau_schedule = read_masked_schedule(config.tau_schedule)
+            self.tau_rule = "schedule"
         self._mask_override = masks
         if masks is None:
             spec = spectrum if spectrum is not None else data_spectrum(data, device="cpu", cache=config.cache)
@@ -145,9 +152,19 @@ class MaskedDenoiser(Denoiser):
     def settings(self) -> dict:
         out = super().settings()
         out.update(tau=self.tau, tau_rule=self.tau_rule,
+                   tau_schedule_params=self.tau_schedule.to_dict() if self.tau_schedule is not None else None,
                    chunk=self.columns.chunk if self._fixed_width else "per timestep",
                    masks="given" if self._mask_override is not None else "wiener")
         return out
+
+    # -- per-timestep parameters ----------------------------------------------------------------
+    def tau_at(self, t: int) -> float:
+        """The mask threshold used at timestep t: from ``tau_schedule`` (nearest listed t) or ``tau``."""
+        return self.tau_schedule.at(t)[0] if self.tau_schedule is not None else self.tau
+
+    def temperature_at(self, t: int) -> float:
+        """The softmax temperature used at timestep t: from ``tau_schedule`` or ``temperature``."""
+        return self.tau_schedule.at(t)[1] if self.tau_schedule is not None else self.config.temperature
 
     # -- masks and plans ------------------------------------------------------------------------
     def masks(self, t) -> torch.Tensor:
@@ -156,23 +173,28 @@ class MaskedDenoiser(Denoiser):
         if t in self._masks:
             self._masks.move_to_end(t)
             return self._masks[t]
+        m = self._compute_masks(t)
+        self._masks[t] = m
+        self._trim(self._masks, self._cache_bytes() // 4)
+        return m
+
+    def _compute_masks(self, t: int) -> torch.Tensor:
+        """The masks at timestep t: the given ones, or the Wiener masks (warning when they degenerate)."""
         if self._mask_override is not None:
             m = self._mask_override(t) if callable(self._mask_override) else self._mask_override
             m = torch.as_tensor(m).to(device=self.device, dtype=torch.bool)
             if m.shape != (self.dim, self.dim):
                 raise ConfigError(f"masks must have shape [{self.dim}, {self.dim}], got {tuple(m.shape)}")
-        else:
-            a, b2 = self.schedule.a(t), self.schedule.b2(t)
-            m = wiener_masks(self.spectrum, a, b2, self.tau, self.config.normalize)
-            lost, varying = pixels_outside_own_mask(m, self.spectrum, a, b2)
-            if lost:
-                warnings.warn(
-                    f"masked: at t={t}, {lost} of {varying} varying pixels are missing from their own "
-                    f"mask (normalize='{self.config.normalize}', tau={self.tau}); a nearly constant pixel dominates "
-                    "the threshold and the outputs collapse towards the mean image. Use normalize=sym (well "
-                    "conditioned) or more training images.", RuntimeWarning, stacklevel=2)
-        self._masks[t] = m
-        self._trim(self._masks, self._cache_bytes() // 4)
+            return m
+        a, b2, tau = self.schedule.a(t), self.schedule.b2(t), self.tau_at(t)
+        m = wiener_masks(self.spectrum, a, b2, tau, self.config.normalize)
+        lost, varying = pixels_outside_own_mask(m, self.spectrum, a, b2)
+        if lost:
+            warnings.warn(
+                f"{self.name}: at t={t}, {lost} of {varying} varying pixels are missing from their own "
+                f"mask (normalize='{self.config.normalize}', tau={tau}); a nearly constant pixel dominates "
+                "the threshold and the outputs collapse towards the mean image. Use normalize=sym (well "
+                "conditioned) or more training images.", RuntimeWarning, stacklevel=3)
         return m
 
     def mask_density(self, t) -> float:
@@ -186,11 +208,14 @@ class MaskedDenoiser(Denoiser):
         if key in self._plans:
             self._plans.move_to_end(key)
             return self._plans[key]
-        p = plan_masks(self.masks(t), self.shape, batch, path=self.config.path, chunk=self.columns.chunk,
-                       tile=self.config.tile)
+        p = self._make_plan(self.masks(t), int(batch))
         self._plans[key] = p
         self._trim(self._plans, self._cache_bytes() // 4)
         return p
+
+    def _make_plan(self, masks: torch.Tensor, batch: int) -> MaskPlan:
+        return plan_masks(masks, self.shape, batch, path=self.config.path, chunk=self.columns.chunk,
+                          tile=self.config.tile)
 
     def clear_cache(self) -> None:
         """Forget the cached masks, plans and query-independent terms."""
@@ -233,7 +258,7 @@ class MaskedDenoiser(Denoiser):
 
     def _coefficients(self, t: int) -> tuple[float, float]:
         """``alpha``, ``beta`` of the log2-unit logit ``alpha x.y - beta Q``."""
-        a, b2, T = self.schedule.a(t), self.schedule.b2(t), self.config.temperature
+        a, b2, T = self.schedule.a(t), self.schedule.b2(t), self.temperature_at(t)
         return a * LOG2E / (b2 * T), a * a * LOG2E / (2.0 * b2 * T)
 
     def _workers(self) -> int:
@@ -265,7 +290,7 @@ class MaskedDenoiser(Denoiser):
         workers = min(workers, len(bounds))
         inputs = KernelInputs.build(
             plan, x, alpha, beta, q_cached=q_cached,
-            q_op=QOperator.of(plan, self.shape, self.dtype) if q_cached is None else None,
+            q_op=self._q_operator(plan) if q_cached is None else None,
             q_store=torch.empty((n, len(self.columns)), device=self.device, dtype=self.dtype) if store else None,
             workers=workers, chunk_average=self.config.chunk_average is not None)
         shares = [bounds[w::workers] for w in range(workers)]
@@ -274,6 +299,10 @@ class MaskedDenoiser(Denoiser):
             self._q[t] = inputs.q_store
         part = merge_ranks(functools.reduce(Partial.merge, parts), self.columns.shard)  # every rank's images
         return part.finish(plan, B, self.columns.total)
+
+    def _q_operator(self, plan: MaskPlan) -> QOperator:
+        """How the query-independent term ``Q = M^T (Y*Y)`` of this plan is computed on a cache miss."""
+        return QOperator.of(plan, self.shape, self.dtype)
 
     def _block_width(self, plan: MaskPlan, B: int) -> int:
         """Training images per block for this plan: the given ``chunk``, or on the CPU as many as keep a
@@ -290,7 +319,7 @@ class MaskedDenoiser(Denoiser):
         """The same model written plainly (``masked_logits``, autograd-friendly, float64), block by block
         [B, k, n]; used when ``x_t`` requires a gradient. Meant for small sets: autograd keeps every block."""
         M = self.masks(t)
-        a, b2, T = self.schedule.a(t), self.schedule.b2(t), self.config.temperature
+        a, b2, T = self.schedule.a(t), self.schedule.b2(t), self.temperature_at(t)
         x = rank_input(x, self.columns.shard)
         state = mean_sum = None
         blocks = 0
@@ -320,7 +349,7 @@ class MaskedDenoiser(Denoiser):
         if self.config.chunk_average is not None:
             raise ConfigError("the closed-form Jacobian needs the exact softmax; drop chunk_average or use autograd")
         t = self.schedule.check_t(t)
-        a, b2, T = self.schedule.a(t), self.schedule.b2(t), self.config.temperature
+        a, b2, T = self.schedule.a(t), self.schedule.b2(t), self.temperature_at(t)
         x = x_t.reshape(x_t.shape[0], -1).to(device=self.device, dtype=torch.float64)
         index = torch.as_tensor(index, device=self.device).reshape(-1)
         Mq = self.masks(t)[:, index]  # [n, Q]: the masks S_i of the requested rows

@@ -1,0 +1,87 @@
+"""Per-timestep mask threshold and temperature of the masked models (``masked``, ``masked-soft``,
+``masked-equivariant``), as written by ``localdiff calibrate-masked`` (:mod:`localdiff.calibrate_masked`).
+
+The paper sets one threshold ``tau`` for every timestep by hand (0.005 on MNIST). A schedule maps
+timesteps to ``(tau, T)``; a timestep between the listed ones uses the nearest listed one (ties go to
+the larger, noisier timestep, as for patch-size schedules). The models read it through their option
+``tau_schedule=FILE``, which then overrides ``tau`` and ``temperature``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+
+SCHEDULE_FORMAT = "localdiff.masked-schedule"
+
+
+def check_tau(tau: float, where: str = "tau") -> float:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (0.0 <= float(tau) <= 1.0):
+        raise ConfigError(f"{where} must lie in [0, 1] (a fraction of the largest normalised gain), got {tau!r}")
+    return float(tau)
+
+
+def check_temperature(temperature: float, where: str = "temperature") -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not (math.isfinite(float(temperature)) and float(temperature) > 0):
+        raise ConfigError(f"{where} must be a positive number, got {temperature!r}")
+    return float(temperature)
+
+
+@dataclass(frozen=True)
+class MaskedSchedule:
+    """``tau`` and temperature per listed timestep: ``params[t] = (tau, temperature)``."""
+
+    params: dict[int, tuple[float, float]]
+
+    def at(self, t: int) -> tuple[float, float]:
+        """``(tau, temperature)`` of the listed timestep nearest to ``t`` (ties: the larger one)."""
+        best = min(self.params, key=lambda s: (abs(s - t), -s))
+        return self.params[best]
+
+    def to_dict(self) -> dict:
+        return {str(t): {"tau": tau, "temperature": temp} for t, (tau, temp) in sorted(self.params.items())}
+
+
+def schedule_from_mapping(doc: dict, where: str) -> MaskedSchedule:
+    """``{"900": {"tau": 0.05, "temperature": 1.0}, ...}`` (a missing temperature means 1) -> schedule."""
+    if not isinstance(doc, dict) or not doc:
+        raise ConfigError(f"{where} must map timesteps to {{\"tau\": ..., \"temperature\": ...}}")
+    params = {}
+    for key, value in doc.items():
+        try:
+            t = int(key)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: {key!r} is not a timestep") from exc
+        if t < 0 or str(t) != str(key).strip():
+            raise ConfigError(f"{where}: {key!r} is not a timestep >= 0")
+        if not isinstance(value, dict) or "tau" not in value or set(value) - {"tau", "temperature"}:
+            raise ConfigError(f"{where}: entry {key!r} must be {{\"tau\": ..., \"temperature\": ...}}, got {value!r}")
+        params[t] = (check_tau(value["tau"], f"{where}: tau at t={t}"),
+                     check_temperature(value.get("temperature", 1.0), f"{where}: temperature at t={t}"))
+    return MaskedSchedule(params)
+
+
+def read_masked_schedule(path: str | Path) -> MaskedSchedule:
+    """Read a schedule JSON: ``{"format": "localdiff.masked-schedule", "params": {"900": {"tau": ...,
+    "temperature": ...}, ...}, ...}`` or the bare ``params`` mapping (so schedules can be written by hand)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"tau schedule {p} does not exist; write one with `localdiff calibrate-masked`")
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"tau schedule {p} is not readable JSON ({exc})") from exc
+    if isinstance(doc, dict) and "params" in doc:
+        if doc.get("format", SCHEDULE_FORMAT) != SCHEDULE_FORMAT:
+            raise ConfigError(f"{p} is a '{doc.get('format')}' file, not a {SCHEDULE_FORMAT} file")
+        doc = doc["params"]
+    return schedule_from_mapping(doc, f"tau schedule {p}")
+
+
+__all__ = ["SCHEDULE_FORMAT", "MaskedSchedule", "read_masked_schedule", "schedule_from_mapping", "check_tau",
+           "check_temperature"]

@@ -43,7 +43,7 @@ COMMANDS = [
     ("calibrate-patches els", ["calibrate-patches", "--dataset", "mnist", "--model", "els", "--target", "optimal",
                                "--sizes", "3,5,7,9,11"]),
     ("calibrate-masked", ["calibrate-masked", "--dataset", "mnist", "--model", "masked", "--taus",
-                          "0.002,0.005,0.02", "--temperatures", "0.5,1,2", "--timesteps", "100,300,500,700,900",
+                          "0.005,0.01,0.02", "--temperatures", "0.7,1", "--timesteps", "100,300,500,700,900",
                           "--num", "32", "--skip", "500"]),
     ("train-unet --config small --minutes 2", ["train-unet", "--dataset", "mnist", "--config", "small",
                                                "--minutes", "2"]),

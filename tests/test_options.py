@@ -111,7 +111,7 @@ def test_study_resolves_the_device_once_and_hands_models_its_statistics(toy, tmp
 def test_every_analytical_model_comes_from_the_registry():
     from localdiff.denoisers import REGISTRY
 
-    assert study.analytical_models() == ("wiener", "optimal", "nearest", "masked", "ls", "els", "els-boundary",
-                                         "pspc", "scfdm")
+    assert study.analytical_models() == ("wiener", "optimal", "nearest", "masked", "masked-soft", "ls", "els",
+                                         "els-boundary", "masked-equivariant", "masked-quadratic", "pspc", "scfdm")
     assert all(REGISTRY[m].capabilities.trained for m in ("linear", "unet"))
     assert study.GPU.models == study.analytical_models()

@@ -241,10 +241,12 @@ def test_equivariant_at_tau_zero_is_the_optimal_denoiser(tmp_cache):
 
 def test_equivariant_subset_is_named_in_the_settings(tmp_cache):
     data = smooth_images(30, 6, 1, constant_border=False)
-    exact = make_denoiser("masked-equivariant", data, device="cpu")
+    exact = make_denoiser("masked-equivariant", data, device="cpu", max_train=None)
     approx = make_denoiser("masked-equivariant", data, device="cpu", max_train=10, seed=3)
     s_exact, s_approx = exact.settings(), approx.settings()
     assert s_exact["exact"] is True and s_exact["train_images"] == 30 and s_exact["max_train"] is None
+    default = make_denoiser("masked-equivariant", data, device="cpu").settings()  # 1,000 > 30: every image
+    assert default["max_train"] == 1000 and default["exact"] is True and default["train_images"] == 30
     assert s_approx["exact"] is False and s_approx["train_images"] == 10 and s_approx["max_train"] == 10
     json.dumps(s_approx)
     with pytest.raises(ConfigError):

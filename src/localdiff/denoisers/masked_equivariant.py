@@ -22,9 +22,9 @@ When the stencil reaches across the whole image every pixel is its own configura
 the masked model with the (translation-invariant) stencil as mask; ``tau = 0`` is the optimal denoiser.
 
 Cost: ``B sum_F |F|^2 K |D_F|`` multiply-adds per call (families F of positions), against ``B K nnz(M)``
-for masked: tens of times more on MNIST. It is exact by default (every training image);
-``max_train=N`` is an explicitly named approximation (a seeded subset of N images, recorded in the
-settings), like ``els``. Identical candidate patches (blank background) are merged exactly, with their
+for masked: tens of times more on MNIST. Like ``els`` it uses a seeded subset of ``max_train`` training
+images by default (1,000, recorded in the settings as ``exact: false`` when the set is larger: the
+measured model of docs/RESULTS.md §4); ``max_train=None`` is exact (every training image). Identical candidate patches (blank background) are merged exactly, with their
 multiplicity, and the merged banks are kept between calls within ``bank_mb``; a set whose patches do
 not fit in ``bank_mb`` is streamed from the training images block by block (exact, without merging).
 """
@@ -60,7 +60,7 @@ class MaskedEquivariantConfig(DenoiserConfig):
     tau_schedule: str | None = None  # JSON file timestep -> tau and temperature (calibrate-masked); overrides both
     gamma: float = 0.0  # stencil weights (|s| / max|s|)^gamma; 0 = binary (the paper's neighbourhood)
     normalize: Normalization = "diag"  # gain normalisation before averaging, as for masked
-    max_train: int | None = None  # approximation: a seeded random subset of this many training images (None: all)
+    max_train: int | None = 1000  # a seeded random subset of this many training images (None: all, exact), as els
     seed: int = 0  # seed of that subset
     dtype: Literal["float32", "float64"] = "float32"  # arithmetic of the patch products
     block: int = 1 << 21  # elements of the largest logit temporary

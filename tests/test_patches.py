@@ -417,7 +417,7 @@ def test_calibration_recovers_a_known_patch_size_and_round_trips(tmp_path):
 
 
 def test_calibrate_patches_command(tmp_path, monkeypatch, capsys):
-    import localdiff.commands.calibrate as command
+    import localdiff.commands.common as command
     from localdiff.cli import main
     from localdiff.denoisers.patches import read_patch_schedule
 

@@ -15,7 +15,6 @@ so a schedule is never chosen on the images it is then scored on.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -148,13 +147,4 @@ def calibrate_masked(
     }
 
 
-def write_schedule(result: dict, out: str | Path) -> None:
-    """Write a calibration result atomically; an existing file is refused (schedules are never overwritten)."""
-    from .fileio import write_json
-
-    if Path(out).exists():
-        raise ConfigError(f"{out} already exists; choose a new output file (schedules are never overwritten)")
-    write_json(out, result)
-
-
-__all__ = ["calibrate_masked", "held_out_images", "noisy_images", "per_image_mse", "write_schedule"]
+__all__ = ["calibrate_masked", "held_out_images", "noisy_images", "per_image_mse"]

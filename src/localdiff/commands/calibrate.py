@@ -6,10 +6,7 @@ Writes the schedule JSON that ``--opt patch_schedule=FILE`` of ls, els, els-boun
 from __future__ import annotations
 
 import time
-from pathlib import Path
-
-from ..errors import ConfigError
-from .common import add_data_args, command_line, int_list, load_data_from_args, parse_opts, timestep_list, versions
+from .common import add_data_args, calibration_inputs, int_list, timestep_list, write_calibration
 
 
 def register(subparsers) -> None:
@@ -36,41 +33,17 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from .. import make_denoiser
     from ..calibrate import calibrate_patch_sizes
 
-    out = Path(args.out)
-    if out.exists():
-        raise ConfigError(f"{out} already exists; choose a new --out (schedules are never overwritten)")
-    if args.num < 1 or args.batch_size < 1:
-        raise ConfigError("--num and --batch-size must be positive")
     timesteps = timestep_list(args.timesteps, "--timesteps") if args.timesteps else None
     sizes = int_list(args.sizes, "--sizes") if args.sizes else None
     t0 = time.perf_counter()
-    data = load_data_from_args(args)
-    held_out = load_data_from_args(args, split=args.held_out_split)
-    if args.held_out_split == args.split:
-        print(f"note: held-out images come from the training split '{args.split}'")
-    model_opts = parse_opts(args.opt)
-    model_opts.setdefault("device", args.device)
-    target_opts = parse_opts(args.target_opt)
-    target_opts.setdefault("device", args.device)
-    target = make_denoiser(args.target, data, **target_opts)
+    out, data, held_out, model_opts, target = calibration_inputs(args)
     result = calibrate_patch_sizes(args.model, data, target, timesteps=timesteps, sizes=sizes,
                                    num_images=args.num, seed=args.seed, held_out=held_out,
                                    model_options=model_opts, batch_size=args.batch_size, out=None,
                                    progress=lambda line: print(line, flush=True))
-    result["command"] = command_line()
-    result["held_out"] = {"split": args.held_out_split, "dataset": held_out.describe()}
-    result["seconds"] = time.perf_counter() - t0
-    result["versions"] = versions()
-    from ..distributed import is_main
-    from ..fileio import write_json
-
-    if is_main():  # in a torchrun job rank 0 alone writes
-        if out.exists():
-            raise ConfigError(f"{out} appeared while calibrating; the result was not written")
-        write_json(out, result)
+    write_calibration(result, out, args, held_out, time.perf_counter() - t0)
     print(f"wrote the {args.model} patch-size schedule to {out} ({result['seconds']:.1f} s): "
           + ", ".join(f"t={t}: {s}" for t, s in result["patch_sizes"].items()))
     return 0

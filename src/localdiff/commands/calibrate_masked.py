@@ -7,20 +7,7 @@ Writes the schedule JSON that ``--opt tau_schedule=FILE`` of masked, masked-soft
 from __future__ import annotations
 
 import time
-from pathlib import Path
-
-from ..errors import ConfigError
-from .common import add_data_args, command_line, load_data_from_args, parse_opts, timestep_list, versions
-
-
-def _floats(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise ConfigError(f"{flag} must be comma-separated numbers, got '{text}'") from exc
-    if not values:
-        raise ConfigError(f"{flag} is empty")
-    return values
+from .common import add_data_args, calibration_inputs, float_list, timestep_list, write_calibration
 
 
 def register(subparsers) -> None:
@@ -52,39 +39,19 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from .. import make_denoiser
-    from ..calibrate_masked import calibrate_masked, write_schedule
+    from ..calibrate_masked import calibrate_masked
     from ..stats import data_spectrum
 
-    out = Path(args.out)
-    if out.exists():
-        raise ConfigError(f"{out} already exists; choose a new --out (schedules are never overwritten)")
-    if args.num < 1 or args.batch_size < 1 or args.skip < 0:
-        raise ConfigError("--num and --batch-size must be positive and --skip >= 0")
     timesteps = timestep_list(args.timesteps, "--timesteps") if args.timesteps else None
-    taus, temps = _floats(args.taus, "--taus"), _floats(args.temperatures, "--temperatures")
+    taus, temps = float_list(args.taus, "--taus"), float_list(args.temperatures, "--temperatures")
     t0 = time.perf_counter()
-    data = load_data_from_args(args)
-    held_out = load_data_from_args(args, split=args.held_out_split)
-    if args.held_out_split == args.split:
-        print(f"note: held-out images come from the training split '{args.split}'")
-    model_opts = parse_opts(args.opt)
-    model_opts.setdefault("device", args.device)
-    target = None
-    if args.target is not None:
-        target_opts = parse_opts(args.target_opt)
-        target_opts.setdefault("device", args.device)
-        target = make_denoiser(args.target, data, **target_opts)
+    out, data, held_out, model_opts, target = calibration_inputs(args)
     spectrum = data_spectrum(data, device="cpu", cache=str(model_opts.get("cache", "true")).lower() != "false")
     result = calibrate_masked(args.model, data, held_out, timesteps=timesteps, taus=taus, temperatures=temps,
                               num_images=args.num, seed=args.seed, skip=args.skip, target=target,
                               model_options=model_opts, spectrum=spectrum, batch_size=args.batch_size,
                               progress=lambda line: print(line, flush=True))
-    result["command"] = command_line()
-    result["held_out"] = {"split": args.held_out_split, "dataset": held_out.describe()}
-    result["seconds"] = time.perf_counter() - t0
-    result["versions"] = versions()
-    write_schedule(result, out)
+    write_calibration(result, out, args, held_out, time.perf_counter() - t0)
     print(f"wrote the {args.model} tau schedule to {out} ({result['seconds']:.1f} s): "
           + ", ".join(f"t={t}: tau {p['tau']:g}, T {p['temperature']:g}" for t, p in result["params"].items()))
     return 0

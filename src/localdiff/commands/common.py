@@ -88,6 +88,14 @@ def int_list(text: str, what: str) -> list[int]:
         raise ConfigError(f"{what} must be comma-separated integers, e.g. 900,500,100; got '{text}'") from exc
 
 
+def float_list(text: str, what: str) -> list[float]:
+    """``"0.005,0.02"`` -> ``[0.005, 0.02]``, with an error naming the flag ``what``."""
+    try:
+        return [float(v) for v in name_list(text, what)]
+    except ValueError as exc:
+        raise ConfigError(f"{what} must be comma-separated numbers, e.g. 0.005,0.02; got '{text}'") from exc
+
+
 def timestep_list(text: str, what: str) -> list[int]:
     """``"900,500,100"`` -> ``[900, 500, 100]``, each t checked by the one timestep rule
     (``Schedule.check_t``), with an error naming the flag ``what``."""
@@ -249,3 +257,45 @@ def _publish(tmp: Path, out: Path) -> None:
         kept = tmp
     raise ConfigError(f"output directory {out} appeared while this run was working; its results are in {kept} "
                       "(move them where you want them)")
+
+
+# -- the calibrate-* commands -----------------------------------------------------------------------
+
+def calibration_inputs(args):
+    """What both calibrate commands start from: the new ``--out`` path (an existing one is refused), the
+    training and held-out data, the model's options and the target denoiser (``None`` without
+    ``--target``), each option set given ``--device``."""
+    from .. import make_denoiser
+
+    out = Path(args.out)
+    if out.exists():
+        raise ConfigError(f"{out} already exists; choose a new --out (schedules are never overwritten)")
+    if args.num < 1 or args.batch_size < 1 or getattr(args, "skip", 0) < 0:
+        raise ConfigError("--num and --batch-size must be positive (and --skip >= 0)")
+    data = load_data_from_args(args)
+    held_out = load_data_from_args(args, split=args.held_out_split)
+    if args.held_out_split == args.split:
+        print(f"note: held-out images come from the training split '{args.split}'")
+    model_opts = parse_opts(args.opt)
+    model_opts.setdefault("device", args.device)
+    target = None
+    if args.target is not None:
+        target_opts = parse_opts(args.target_opt)
+        target_opts.setdefault("device", args.device)
+        target = make_denoiser(args.target, data, **target_opts)
+    return out, data, held_out, model_opts, target
+
+
+def write_calibration(result: dict, out: Path, args, held_out, seconds: float) -> None:
+    """Stamp a calibration result (command, held-out set, time, versions) and write it atomically; in a
+    torchrun job rank 0 alone writes, and a file that appeared meanwhile is never overwritten."""
+    from ..fileio import write_json
+
+    result["command"] = command_line()
+    result["held_out"] = {"split": args.held_out_split, "dataset": held_out.describe()}
+    result["seconds"] = seconds
+    result["versions"] = versions()
+    if is_main():
+        if out.exists():
+            raise ConfigError(f"{out} appeared while calibrating; the result was not written")
+        write_json(out, result)

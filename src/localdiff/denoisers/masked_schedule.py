@@ -9,12 +9,12 @@ the larger, noisier timestep, as for patch-size schedules). The models read it t
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from .schedule_files import nearest_listed, read_schedule_doc
 
 SCHEDULE_FORMAT = "localdiff.masked-schedule"
 
@@ -40,8 +40,7 @@ class MaskedSchedule:
 
     def at(self, t: int) -> tuple[float, float]:
         """``(tau, temperature)`` of the listed timestep nearest to ``t`` (ties: the larger one)."""
-        best = min(self.params, key=lambda s: (abs(s - t), -s))
-        return self.params[best]
+        return self.params[nearest_listed(self.params, t)]
 
     def to_dict(self) -> dict:
         return {str(t): {"tau": tau, "temperature": temp} for t, (tau, temp) in sorted(self.params.items())}
@@ -69,18 +68,8 @@ def schedule_from_mapping(doc: dict, where: str) -> MaskedSchedule:
 def read_masked_schedule(path: str | Path) -> MaskedSchedule:
     """Read a schedule JSON: ``{"format": "localdiff.masked-schedule", "params": {"900": {"tau": ...,
     "temperature": ...}, ...}, ...}`` or the bare ``params`` mapping (so schedules can be written by hand)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"tau schedule {p} does not exist; write one with `localdiff calibrate-masked`")
-    try:
-        doc = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"tau schedule {p} is not readable JSON ({exc})") from exc
-    if isinstance(doc, dict) and "params" in doc:
-        if doc.get("format", SCHEDULE_FORMAT) != SCHEDULE_FORMAT:
-            raise ConfigError(f"{p} is a '{doc.get('format')}' file, not a {SCHEDULE_FORMAT} file")
-        doc = doc["params"]
-    return schedule_from_mapping(doc, f"tau schedule {p}")
+    doc = read_schedule_doc(path, "tau schedule", SCHEDULE_FORMAT, "params", "calibrate-masked")
+    return schedule_from_mapping(doc, f"tau schedule {Path(path)}")
 
 
 __all__ = ["SCHEDULE_FORMAT", "MaskedSchedule", "read_masked_schedule", "schedule_from_mapping", "check_tau",

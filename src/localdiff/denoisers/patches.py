@@ -15,7 +15,6 @@ using them.
 
 from __future__ import annotations
 
-import json
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from ..distributed import rank_input
 from ..errors import ConfigError
 from .base import Denoiser, DenoiserConfig, TrainingSet, resolve_dtype
+from .schedule_files import nearest_listed, read_schedule_doc
 
 SCHEDULE_FORMAT = "localdiff.patch-schedule"
 Padding = Literal["zeros", "truncate", "circular"]
@@ -41,8 +41,7 @@ class PatchSchedule:
     sizes: dict[int, int]
 
     def at(self, t: int) -> int:
-        best = min(self.sizes, key=lambda s: (abs(s - t), -s))
-        return self.sizes[best]
+        return self.sizes[nearest_listed(self.sizes, t)]
 
 
 def read_patch_schedule(path: str | Path) -> PatchSchedule:
@@ -51,16 +50,7 @@ def read_patch_schedule(path: str | Path) -> PatchSchedule:
     A bare mapping ``{"900": 27, ...}`` is accepted too, so schedules can be written by hand.
     """
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"patch-size schedule {p} does not exist; write one with `localdiff calibrate-patches`")
-    try:
-        doc = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"patch-size schedule {p} is not readable JSON ({exc})") from exc
-    if isinstance(doc, dict) and "patch_sizes" in doc:
-        if doc.get("format", SCHEDULE_FORMAT) != SCHEDULE_FORMAT:
-            raise ConfigError(f"{p} is a '{doc.get('format')}' file, not a {SCHEDULE_FORMAT} file")
-        doc = doc["patch_sizes"]
+    doc = read_schedule_doc(p, "patch-size schedule", SCHEDULE_FORMAT, "patch_sizes", "calibrate-patches")
     if not isinstance(doc, dict) or not doc:
         raise ConfigError(f"patch-size schedule {p} must map timesteps to patch sizes, e.g. {{\"900\": 27}}")
     sizes = {}

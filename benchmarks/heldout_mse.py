@@ -24,10 +24,8 @@ import numpy as np
 
 
 def measure(args) -> None:
-    import torch
-
     from localdiff import load_dataset, make_denoiser
-    from localdiff.calibrate_masked import held_out_images, noisy_images
+    from localdiff.calibrate_masked import held_out_images, noisy_images, per_image_mse
     from localdiff.commands.common import parse_opts, timestep_list
 
     out = Path(args.out)
@@ -45,10 +43,7 @@ def measure(args) -> None:
     seconds = []
     for ti, t in enumerate(timesteps):
         t0 = time.perf_counter()
-        for s in range(0, len(images), args.batch_size):
-            with torch.no_grad():
-                est = den(x_t[t][s:s + args.batch_size], t).double()
-            mse[ti, s:s + args.batch_size] = (est - images[s:s + args.batch_size].double()).pow(2).flatten(1).mean(1)
+        mse[ti] = per_image_mse(den, x_t[t], images, t, args.batch_size).numpy()
         seconds.append(time.perf_counter() - t0)
         print(f"{args.model} t={t}: mse {mse[ti].mean():.5f} ({seconds[-1]:.0f} s)", flush=True)
     meta = {"command": " ".join(sys.argv), "dataset": args.dataset, "model": args.model,

@@ -24,6 +24,7 @@ from .denoisers import REGISTRY, make_denoiser
 from .denoisers.masked_schedule import SCHEDULE_FORMAT, check_tau, check_temperature
 from .diffusion import DEFAULT_SCHEDULE, Schedule, timesteps_for
 from .errors import ConfigError
+from .evaluate import noisy_draws
 
 
 def held_out_images(held_out, num: int, seed: int = 0, skip: int = 0) -> torch.Tensor:
@@ -43,10 +44,9 @@ def held_out_images(held_out, num: int, seed: int = 0, skip: int = 0) -> torch.T
 def noisy_images(images: torch.Tensor, timesteps: Sequence[int], seed: int,
                  schedule: Schedule = DEFAULT_SCHEDULE) -> dict[int, torch.Tensor]:
     """``{t: x_t}`` [N, C, H, W] float32: one draw per image and timestep from one CPU generator seeded
-    with ``seed``, timestep after timestep (the draws of ``localdiff evaluate`` with the same seed)."""
-    gen = torch.Generator().manual_seed(int(seed))
-    images = images.detach().to("cpu", torch.float32)
-    return {t: schedule.q_sample(images, t, torch.randn(images.shape, generator=gen)) for t in timesteps}
+    with ``seed``, timestep after timestep (:func:`localdiff.evaluate.noisy_draws`, which ``localdiff
+    evaluate`` uses with the same seed)."""
+    return dict(noisy_draws(images, timesteps, torch.Generator().manual_seed(int(seed)), schedule))
 
 
 @torch.no_grad()

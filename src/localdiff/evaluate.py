@@ -10,7 +10,7 @@ empirical optimal denoiser, which only ever returns blends of training images, l
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
@@ -54,6 +54,17 @@ def paired_mse_comparisons(errors: Mapping[str, Mapping[int, torch.Tensor]]) -> 
             for t in timesteps}
 
 
+def noisy_draws(images: torch.Tensor, timesteps: Sequence[int], generator: torch.Generator,
+                schedule: Schedule = DEFAULT_SCHEDULE) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(t, x_t)`` [N, C, H, W] float32 per timestep: one noise draw per image and timestep from
+    ``generator``, timestep after timestep, one x_t in memory at a time. Every held-out score of the
+    toolkit (evaluate, calibrate-masked, benchmarks/heldout_mse.py) noises its images here, so the same
+    seed gives the same x_t everywhere."""
+    images = images.detach().to("cpu", torch.float32)
+    for t in timesteps:
+        yield t, schedule.q_sample(images, t, torch.randn(images.shape, generator=generator))
+
+
 def denoising_errors(denoisers: Mapping[str, object], images: torch.Tensor, timesteps: Sequence[int], *,
                      generator: torch.Generator, batch_size: int = 64, schedule: Schedule = DEFAULT_SCHEDULE,
                      progress: bool = True) -> dict[str, dict[int, torch.Tensor]]:
@@ -67,9 +78,7 @@ def denoising_errors(denoisers: Mapping[str, object], images: torch.Tensor, time
     n_img = images.shape[0]
     sq = {name: {t: torch.empty(n_img, dtype=torch.float64) for t in timesteps} for name in denoisers}
     bar = tqdm(total=len(timesteps) * n_img, desc="denoising MSE", unit="img", disable=not progress)
-    for t in timesteps:
-        noise = torch.randn(images.shape, generator=generator)
-        x_t = schedule.q_sample(images, t, noise)  # [N,C,H,W]
+    for t, x_t in noisy_draws(images, timesteps, generator, schedule):  # x_t [N,C,H,W]
         for start in range(0, n_img, batch_size):
             sl = slice(start, start + batch_size)
             for name, den in denoisers.items():

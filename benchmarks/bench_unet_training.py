@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from localdiff import load_dataset
-from localdiff.denoisers.base import resolve_device
+from localdiff.device import resolve_device
 from localdiff.diffusion import DEFAULT_SCHEDULE
 from localdiff.unet import TRAIN_RECIPES, TrainConfig, UNetTrainer, build_unet, unet_config
 

@@ -9,7 +9,7 @@ import torch
 from localdiff import make_denoiser
 from localdiff.calibrate_masked import calibrate_masked, held_out_images, noisy_images, per_image_mse
 from localdiff.cli import main
-from localdiff.denoisers.masked_schedule import read_masked_schedule
+from localdiff.denoisers.masked.schedule import read_masked_schedule
 from localdiff.errors import ConfigError
 from localdiff.evaluate import denoising_mse
 

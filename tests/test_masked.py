@@ -9,8 +9,8 @@ import torch
 from localdiff import make_denoiser, sample
 from localdiff.data.dataset import ImageDataset
 from localdiff.denoisers.masked import MaskedDenoiser
-from localdiff.denoisers.masked_plan import row_runs, tile_stats, tiles_of
-from localdiff.denoisers.masks import default_tau, wiener_masks
+from localdiff.denoisers.masked.plan import row_runs, tile_stats, tiles_of
+from localdiff.denoisers.masked.masks import default_tau, wiener_masks
 from localdiff.diffusion import DEFAULT_SCHEDULE as S
 from localdiff.errors import ConfigError
 from localdiff.stats import Spectrum, data_spectrum

@@ -9,9 +9,9 @@ import torch
 
 from localdiff import make_denoiser
 from localdiff.data.dataset import ImageDataset
-from localdiff.denoisers.masked_equivariant import averaged_gain
-from localdiff.denoisers.masked_soft import soft_weights
-from localdiff.denoisers.masks import normalized_gain
+from localdiff.denoisers.masked.equivariant import averaged_gain
+from localdiff.denoisers.masked.soft import soft_weights
+from localdiff.denoisers.masked.masks import normalized_gain
 from localdiff.diffusion import DEFAULT_SCHEDULE as S
 from localdiff.errors import ConfigError
 
@@ -266,7 +266,7 @@ def test_equivariant_banks_are_kept_and_reused(tmp_cache):
 
 
 # ------------------------------------------------------------------------------------------------
-# masked-quadratic
+# wiener-quadratic
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("t", [800, 300, 50])
@@ -277,7 +277,7 @@ def test_quadratic_fit_equals_least_squares_over_exact_gaussian_quadrature(t, tm
     data = smooth_images(12, 4, 0, constant_border=False)
     y = data.tensor(dtype=torch.float64).reshape(len(data), -1).numpy()
     k = 3
-    den = make_denoiser("masked-quadratic", data, device="cpu", k=k, ridge=0.0)
+    den = make_denoiser("wiener-quadratic", data, device="cpu", k=k, ridge=0.0)
     a, b2 = S.a(t), S.b2(t)
     s = np.sqrt(b2)
     mu = y.mean(0)
@@ -304,7 +304,7 @@ def test_quadratic_fit_equals_least_squares_over_exact_gaussian_quadrature(t, tm
 
 def test_quadratic_is_wiener_plus_the_correction_and_beats_it_on_its_training_set(tmp_cache):
     data = smooth_images(60, 6, 3, constant_border=False)
-    quad = make_denoiser("masked-quadratic", data, device="cpu", k=4)
+    quad = make_denoiser("wiener-quadratic", data, device="cpu", k=4)
     wiener = make_denoiser("wiener", data, device="cpu")
     x0 = data.tensor(dtype=torch.float64)
     g = torch.Generator().manual_seed(0)

@@ -1,5 +1,7 @@
 """Typed model options, precomputed statistics and the device resolved once on the study path."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ import localdiff.denoisers.base as base
 import localdiff.study as study
 from localdiff import data_spectrum, make_denoiser
 from localdiff.data.dataset import ImageDataset
+from localdiff.denoisers import REGISTRY
 from localdiff.denoisers.masked import MaskedConfig, MaskedDenoiser
 from localdiff.denoisers.options import coerce
 from localdiff.errors import ConfigError
@@ -70,7 +73,7 @@ def test_precomputed_statistics_are_used_instead_of_the_cache(name, toy, tmp_cac
     opts = {"steps": 5, "batch_size": 8, "timesteps": (500,), "progress": False} if name == "linear" else {}
     reference = make_denoiser(name, toy, device="cpu", **opts)
     spec = data_spectrum(toy, progress=False)
-    module = __import__(f"localdiff.denoisers.{name}", fromlist=["data_spectrum"])
+    module = sys.modules[REGISTRY[name].__module__]  # where the model's class reads its statistics
 
     def no_reading(*args, **kwargs):
         raise AssertionError("the statistics were read again")
@@ -97,7 +100,7 @@ def test_study_resolves_the_device_once_and_hands_models_its_statistics(toy, tmp
     monkeypatch.setattr(study, "resolve_device", counting(study.resolve_device))
     monkeypatch.setattr(base, "resolve_device", counting(base.resolve_device))
     for name in ("wiener", "masked"):
-        module = __import__(f"localdiff.denoisers.{name}", fromlist=["data_spectrum"])
+        module = sys.modules[REGISTRY[name].__module__]  # where the model's class reads its statistics
         monkeypatch.setattr(module, "data_spectrum", lambda *a, **k: pytest.fail("a model re-read the statistics"))
     config = study.StudyConfig(models=("wiener", "masked", "nearest"), unet=False, num=2, steps=2, field_draws=1,
                                field_timesteps=(500,), held_out=4, device="auto")
@@ -112,6 +115,6 @@ def test_every_analytical_model_comes_from_the_registry():
     from localdiff.denoisers import REGISTRY
 
     assert study.analytical_models() == ("wiener", "optimal", "nearest", "masked", "masked-soft", "ls", "els",
-                                         "els-boundary", "masked-equivariant", "masked-quadratic", "pspc", "scfdm")
+                                         "els-boundary", "masked-equivariant", "wiener-quadratic", "pspc", "scfdm")
     assert all(REGISTRY[m].capabilities.trained for m in ("linear", "unet"))
     assert study.GPU.models == study.analytical_models()

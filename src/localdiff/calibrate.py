@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from .denoisers import make_denoiser
-from .denoisers.patches import SCHEDULE_FORMAT, PatchDenoiser
+from .denoisers.patches.common import SCHEDULE_FORMAT, PatchDenoiser
 from .diffusion import timesteps_for
 from .errors import ConfigError
 

@@ -6,7 +6,7 @@ candidate ``(tau, T)`` of a grid denoises them; the pair with the smallest mean 
 The error is measured against the clean images (held-out denoising MSE: no network needed) or against
 a target denoiser's ``x0_hat`` (for instance a U-Net, as ``calibrate-patches`` does for patch sizes).
 The result is the JSON schedule that the option ``tau_schedule=FILE`` of ``masked``, ``masked-soft``
-and ``masked-equivariant`` reads (:mod:`localdiff.denoisers.masked_schedule`).
+and ``masked-equivariant`` reads (:mod:`localdiff.denoisers.masked.schedule`).
 
 The held-out images are ``num`` images of a seeded permutation of the held-out split, after the first
 ``skip`` ones: ``skip=500, seed=0`` keeps them disjoint from ``localdiff evaluate --num 500 --seed 0``,
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .denoisers import REGISTRY, make_denoiser
-from .denoisers.masked_schedule import SCHEDULE_FORMAT, check_tau, check_temperature
+from .denoisers.masked.schedule import SCHEDULE_FORMAT, check_tau, check_temperature
 from .diffusion import DEFAULT_SCHEDULE, Schedule, timesteps_for
 from .errors import ConfigError
 from .evaluate import noisy_draws
@@ -88,7 +88,7 @@ def calibrate_masked(
     (``tau``, ``temperature`` and ``tau_schedule`` are set by the calibration). ``held_out``: a dataset;
     the images are chosen by :func:`held_out_images` (``num_images``, ``seed``, ``skip``) and noised by
     :func:`noisy_images` with ``seed``. Ties go to the earlier candidate (smaller tau, then smaller T).
-    Returns the schedule document (see :mod:`localdiff.denoisers.masked_schedule`) with every
+    Returns the schedule document (see :mod:`localdiff.denoisers.masked.schedule`) with every
     candidate's MSE and its standard error.
     """
     if not hasattr(REGISTRY.get(model_name), "tau_at"):

@@ -7,20 +7,9 @@ import warnings
 from ..data.shards import shard_of
 from ..diffusion import DEFAULT_SCHEDULE, Schedule
 from ..errors import ConfigError
-from .base import REGISTRY, Capabilities, Denoiser, parse_options, register
-
-# The import order is the registration order, which the study follows for "every analytical model".
-from . import wiener  # noqa: F401,E402  (registers wiener)
-from . import empirical  # noqa: F401,E402  (registers optimal, nearest)
-from . import masked  # noqa: F401,E402  (registers masked)
-from . import masked_soft  # noqa: F401,E402  (registers masked-soft)
-from . import masked_equivariant  # noqa: F401,E402  (registers masked-equivariant)
-from . import masked_quadratic  # noqa: F401,E402  (registers masked-quadratic)
-from . import local_score  # noqa: F401,E402  (registers ls, els, els-boundary)
-from . import pspc  # noqa: F401,E402  (registers pspc)
-from . import scfdm  # noqa: F401,E402  (registers scfdm)
-from . import linear  # noqa: F401,E402  (registers linear)
-from . import unet  # noqa: F401,E402  (registers unet; diffusers is imported on use)
+from .base import Capabilities, Denoiser, DenoiserConfig
+from .options import parse_options
+from .registry import MODELS, REGISTRY, RENAMED, register_model
 
 
 def make_denoiser(name: str, data=None, *, schedule: Schedule = DEFAULT_SCHEDULE, spectrum=None,
@@ -35,6 +24,9 @@ def make_denoiser(name: str, data=None, *, schedule: Schedule = DEFAULT_SCHEDULE
     data's statistics to the models that read them (``uses_statistics``: wiener, masked, linear) instead
     of each one reading them from the cache; the other models ignore it.
     """
+    if name in RENAMED and name not in REGISTRY:
+        warnings.warn(f"model '{name}' is now called '{RENAMED[name]}'", DeprecationWarning, stacklevel=2)
+        name = RENAMED[name]
     if name not in REGISTRY:
         raise ConfigError(f"unknown model '{name}'; available models: {', '.join(sorted(REGISTRY))}")
     if not isinstance(schedule, Schedule):
@@ -67,4 +59,5 @@ def available_models() -> list[str]:
     return sorted(REGISTRY)
 
 
-__all__ = ["Capabilities", "Denoiser", "make_denoiser", "available_models", "register", "REGISTRY"]
+__all__ = ["Capabilities", "Denoiser", "DenoiserConfig", "make_denoiser", "available_models", "register_model",
+           "REGISTRY", "MODELS"]

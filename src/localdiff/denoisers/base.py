@@ -1,5 +1,5 @@
-"""The one denoiser interface ``(x_t, t) -> x0_hat`` shared by every model, what each model declares
-about itself (:class:`Capabilities`), and the registry that builds models by name."""
+"""The one denoiser interface ``(x_t, t) -> x0_hat`` shared by every model, and what each model declares
+about itself (:class:`Capabilities`). Models are listed by name in :mod:`.registry`."""
 
 from __future__ import annotations
 
@@ -13,18 +13,7 @@ from ..device import resolve_device
 from ..diffusion import DEFAULT_SCHEDULE, Schedule
 from ..errors import ConfigError
 from ..finite import check_finite_input, check_finite_output
-from .options import check_config, parse_options
-from .training_set import ColumnBlocks, TrainingSet
-
-REGISTRY: dict[str, type["Denoiser"]] = {}
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ConfigError(f"unknown dtype '{name}': choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+from .options import check_config
 
 
 @dataclass(frozen=True)
@@ -53,15 +42,15 @@ class Capabilities:
 class DenoiserConfig:
     """Options every denoiser accepts."""
 
-    device: str = "auto"
+    device: torch.device | str = "auto"  # resolved once (localdiff.device.resolve_device)
 
 
 class Denoiser:
     """A map ``(x_t [B,C,H,W], t) -> x0_hat [B,C,H,W]``, the posterior-mean estimate of the clean image.
 
-    Subclasses implement :meth:`denoise` on a validated input (float tensor on ``self.device``, int t),
-    declare their options as a ``Config`` dataclass and their guarantees as ``capabilities``;
-    :func:`make_denoiser` builds them by name. A model that reads the data's statistics sets
+    Subclasses set ``name``, implement :meth:`denoise` on a validated input (float tensor on
+    ``self.device``, int t), declare their options as a ``Config`` dataclass and their guarantees as
+    ``capabilities``, and are listed in :mod:`.registry`; :func:`make_denoiser` builds them by name. A model that reads the data's statistics sets
     ``uses_statistics`` and takes a precomputed ``spectrum=`` keyword. A model that merges the states of
     the ranks of a torchrun job exactly sets ``merges_shards`` in its own class body (it is not inherited:
     a subclass that computes differently gets the whole set until it says it merges) and is given this
@@ -120,16 +109,4 @@ class Denoiser:
         return {"model": self.name, **out}
 
 
-def register(name: str):
-    """Class decorator: make a Denoiser subclass constructible as ``make_denoiser(name, ...)``."""
-
-    def deco(cls):
-        cls.name = name
-        REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-__all__ = ["Capabilities", "Denoiser", "DenoiserConfig", "REGISTRY", "register", "resolve_device", "resolve_dtype",
-           "parse_options", "TrainingSet", "ColumnBlocks", "DTYPES"]
+__all__ = ["Capabilities", "Denoiser", "DenoiserConfig"]

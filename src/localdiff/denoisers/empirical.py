@@ -15,10 +15,10 @@ from typing import Literal
 
 import torch
 
-from ..distributed import gather, merge_ranks, rank_input
+from ..distributed import gather
 from ..errors import ConfigError
-from .base import Capabilities, Denoiser, DenoiserConfig, TrainingSet, register, resolve_dtype
-from .softmax import SoftmaxState, merge
+from .base import Capabilities
+from .stream import SoftmaxState, StreamedDenoiser, StreamOptions
 
 
 def optimal_logits(x: torch.Tensor, y: torch.Tensor, y_sq: torch.Tensor, a: float, b2: float) -> torch.Tensor:
@@ -27,10 +27,8 @@ def optimal_logits(x: torch.Tensor, y: torch.Tensor, y_sq: torch.Tensor, a: floa
 
 
 @dataclass
-class EmpiricalConfig(DenoiserConfig):
-    chunk: int = 4096  # training images per streamed chunk (the result does not depend on it)
+class EmpiricalConfig(StreamOptions):
     dtype: Literal["float32", "float64"] = "float64"  # arithmetic of the distances (float64: exact low-noise logits)
-    resident: bool | None = None  # keep the float training set on the device (default: if it fits)
 
 
 @dataclass
@@ -38,34 +36,28 @@ class OptimalConfig(EmpiricalConfig):
     top_k: int | None = None  # approximate: average only the top_k largest weights (None = exact)
 
 
-@register("optimal")
-class OptimalDenoiser(Denoiser):
+class OptimalDenoiser(StreamedDenoiser):
     """The exact minimiser of the denoising loss on the training set: a softmax average of all images."""
 
+    name = "optimal"
     Config = OptimalConfig
     capabilities = Capabilities(closed_form_jacobian=True, single_image_exact=True)
     merges_shards = True
 
     def __init__(self, data, config: OptimalConfig, schedule=None):
-        super().__init__(data.shape, config, schedule)
-        config = self.config
-        if config.top_k is not None:  # the approximation has no closed-form Jacobian
+        super().__init__(data, config, schedule)
+        if self.config.top_k is not None:  # the approximation has no closed-form Jacobian
             self.capabilities = dataclasses.replace(self.capabilities, closed_form_jacobian=False)
-        if config.top_k is not None and config.top_k < 1:
-            raise ConfigError(f"top_k must be a positive integer or None, got {config.top_k}")
-        self.dtype = resolve_dtype(config.dtype)
-        self.train_set = TrainingSet(data, device=self.device, dtype=self.dtype, chunk=config.chunk,
-                                     resident=config.resident)
+        if self.config.top_k is not None and self.config.top_k < 1:
+            raise ConfigError(f"top_k must be a positive integer or None, got {self.config.top_k}")
 
     def denoise(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         a, b2 = self.schedule.a(t), self.schedule.b2(t)
-        x = rank_input(x_t.reshape(x_t.shape[0], -1).to(self.dtype), self.train_set.shard)  # [B, n]
+        x = self.rank_input(x_t.reshape(x_t.shape[0], -1).to(self.dtype))  # [B, n]
         if self.config.top_k is not None:
             return self._top_k(x, a, b2).reshape(x_t.shape)
-        state = None
-        for _, y, y_sq in self.train_set:
-            state = merge(state, SoftmaxState.of(optimal_logits(x, y, y_sq, a, b2), y))
-        return merge_ranks(state, self.train_set.shard).mean().reshape(x_t.shape)
+        state = self.fold(lambda _, y, y_sq: SoftmaxState.of(optimal_logits(x, y, y_sq, a, b2), y))
+        return state.mean().reshape(x_t.shape)
 
     def jacobian_rows(self, x_t: torch.Tensor, t: int, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` [Q] of ``d x0_hat / d x_t`` at each input, [B, Q, n].
@@ -80,11 +72,9 @@ class OptimalDenoiser(Denoiser):
         a, b2 = self.schedule.a(t), self.schedule.b2(t)
         x = x_t.reshape(x_t.shape[0], -1).to(device=self.device, dtype=self.dtype)
         index = torch.as_tensor(index, device=self.device).reshape(-1)
-        state = None
-        for _, y, y_sq in self.train_set:
-            logits = optimal_logits(x, y, y_sq, a, b2).unsqueeze(1)  # [B, 1, k]: one softmax per query
-            state = merge(state, SoftmaxState.moments(logits, y, index))
-        state = merge_ranks(state, self.train_set.shard)
+        # [B, 1, k] logits: one softmax per query, shared by every requested row
+        state = self.fold(lambda _, y, y_sq: SoftmaxState.moments(optimal_logits(x, y, y_sq, a, b2).unsqueeze(1),
+                                                                   y, index))
         return (a / b2) * state.covariance_rows(index)  # [B, Q, n]
 
     def _top_k(self, x: torch.Tensor, a: float, b2: float) -> torch.Tensor:
@@ -99,7 +89,7 @@ class OptimalDenoiser(Denoiser):
             vals, pos = logits.topk(k, dim=1)
             idx = ids.gather(1, pos)
         rows = self.train_set.rows(idx)  # [B, k, n]
-        if self.train_set.shard is not None:  # every rank's candidates, in rank order: the top k of all
+        if self.shard is not None:  # every rank's candidates, in rank order: the top k of all
             parts = gather((vals, idx, rows))
             vals, idx, rows = (torch.cat([p[i] for p in parts], 1) for i in range(3))
             vals, pos = vals.topk(min(self.config.top_k, vals.shape[1]), dim=1)
@@ -108,20 +98,13 @@ class OptimalDenoiser(Denoiser):
         return torch.einsum("bk,bkn->bn", w, rows)
 
 
-@register("nearest")
-class NearestDenoiser(Denoiser):
+class NearestDenoiser(StreamedDenoiser):
     """The training image with the largest optimal-denoiser weight (nearest to x_t / a)."""
 
+    name = "nearest"
     Config = EmpiricalConfig
     capabilities = Capabilities(piecewise_constant=True, single_image_exact=True)
     merges_shards = True
-
-    def __init__(self, data, config: EmpiricalConfig, schedule=None):
-        super().__init__(data.shape, config, schedule)
-        config = self.config
-        self.dtype = resolve_dtype(config.dtype)
-        self.train_set = TrainingSet(data, device=self.device, dtype=self.dtype, chunk=config.chunk,
-                                     resident=config.resident)
 
     def nearest_index(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         """Index [B] of the training image with the largest weight at timestep t."""
@@ -143,7 +126,7 @@ class NearestDenoiser(Denoiser):
                 best, best_idx = torch.where(better, v, best), torch.where(better, i, best_idx)
         best_idx = best_idx + self.train_set.offset
         rows = self.train_set.rows(best_idx)  # [B, n]
-        if self.train_set.shard is not None:
+        if self.shard is not None:
             parts = gather((best, best_idx, rows))
             best, best_idx, rows = parts[0]
             for v, i, y in parts[1:]:

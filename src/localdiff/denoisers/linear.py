@@ -50,7 +50,8 @@ from ..diffusion import timesteps_for
 from ..distributed import tqdm
 from ..errors import ConfigError
 from ..stats import Spectrum, data_spectrum
-from .base import Capabilities, Denoiser, DenoiserConfig, register, resolve_dtype
+from ..device import resolve_dtype
+from .base import Capabilities, Denoiser, DenoiserConfig
 from .wiener import wiener_jacobian, wiener_shrinkage
 
 
@@ -112,7 +113,6 @@ def _index_stream(num: int, m: int, generator: torch.Generator, device) -> Itera
         buf = buf[m:]
 
 
-@register("linear")
 class TrainedLinearDenoiser(Denoiser):
     """``x0_hat = A_t x_t + c_t``, one affine map per fitted timestep, trained by SGD (fitted on construction).
 
@@ -120,6 +120,7 @@ class TrainedLinearDenoiser(Denoiser):
     timestep it was not fitted at raises ConfigError.
     """
 
+    name = "linear"
     Config = LinearConfig
     capabilities = Capabilities(closed_form_jacobian=True, constant_jacobian=True, trained=True)
     uses_statistics = True

@@ -12,27 +12,22 @@ from typing import Literal
 
 import torch
 
-from ..distributed import merge_ranks, rank_input
 from ..errors import ConfigError
-from .base import Capabilities, Denoiser, DenoiserConfig, register, resolve_dtype
+from .base import Capabilities, Denoiser
 from .empirical import OptimalConfig, OptimalDenoiser, optimal_logits
-from .softmax import SoftmaxState, merge
+from .stream import SoftmaxState, StreamOptions
 
 
 @dataclass
-class SCFDMConfig(DenoiserConfig):
+class SCFDMConfig(StreamOptions):
     sigma: float = 0.1  # smoothing width, in the paper's coordinates z = x_t / (a + sqrt(b2)) (see class doc)
     smoothing: Literal["score", "data"] = "score"  # score: the paper's smoothed closed-form score (Monte Carlo
     # over num_samples); data: closed-form posterior mean of the training set blurred by N(0, sigma^2 I)
     num_samples: int = 16  # M, Gaussian perturbations averaged by the score smoothing
     seed: int = 0  # seed of those perturbations (the same M draws at every call: a deterministic map)
     nearest_k: int | None = None  # approximate: each perturbed point uses only its nearest_k training images
-    chunk: int = 4096  # training images per streamed chunk (the result does not depend on it)
-    dtype: Literal["float32", "float64"] = "float64"
-    resident: bool | None = None
 
 
-@register("scfdm")
 class SmoothedClosedFormDenoiser(Denoiser):
     """Scarvelis, Borde & Solomon's smoothed closed-form diffusion model (sigma-CFDM).
 
@@ -51,6 +46,7 @@ class SmoothedClosedFormDenoiser(Denoiser):
     / (a^2 sigma^2 + b2)``.
     """
 
+    name = "scfdm"
     Config = SCFDMConfig
     capabilities = Capabilities(single_image_exact=True)
     merges_shards = True
@@ -66,11 +62,11 @@ class SmoothedClosedFormDenoiser(Denoiser):
             raise ConfigError(f"{self.name}: num_samples must be a positive integer, got {config.num_samples}")
         if config.smoothing == "data" and config.nearest_k is not None:
             raise ConfigError(f"{self.name}: nearest_k applies to smoothing=score only")
-        self.dtype = resolve_dtype(config.dtype)
-        self.optimal = OptimalDenoiser(data, OptimalConfig(device=str(self.device), chunk=config.chunk,
-                                                           dtype=config.dtype, resident=config.resident,
-                                                           top_k=config.nearest_k), self.schedule)
-        self.train_set = self.optimal.train_set
+        # the optimal denoiser it smooths streams the training set (and merges the ranks' states)
+        self.optimal = OptimalDenoiser(data, OptimalConfig(device=self.device, chunk=config.chunk, dtype=config.dtype,
+                                                           resident=config.resident, top_k=config.nearest_k),
+                                       self.schedule)
+        self.dtype = self.optimal.dtype
 
     def perturbations(self) -> torch.Tensor:
         """The M standard-normal draws eps [M, C, H, W] (float64, CPU generator seeded by ``seed``)."""
@@ -94,11 +90,8 @@ class SmoothedClosedFormDenoiser(Denoiser):
     def _data_smoothed(self, x, a, b2, sigma):
         v = a * a * sigma * sigma + b2  # variance of x_t given the component k
         xf = x.reshape(x.shape[0], -1)
-        xs = rank_input(xf, self.train_set.shard)  # this rank's share; x also enters directly below
-        state = None
-        for _, y, y_sq in self.train_set:
-            state = merge(state, SoftmaxState.of(optimal_logits(xs, y, y_sq, a, v), y))
-        y_bar = merge_ranks(state, self.train_set.shard).mean()  # sum_k w_k y_k
+        xs = self.optimal.rank_input(xf)  # this rank's share; x also enters directly below
+        y_bar = self.optimal.fold(lambda _, y, y_sq: SoftmaxState.of(optimal_logits(xs, y, y_sq, a, v), y)).mean()
         return (y_bar + (a * sigma * sigma / v) * (xf - a * y_bar)).view_as(x)
 
 

@@ -13,15 +13,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from ..diffusion import Schedule
 from ..errors import ConfigError
-from .base import Capabilities, Denoiser, DenoiserConfig, register
+from ..device import resolve_dtype
+from .base import Capabilities, Denoiser, DenoiserConfig
 
-UNET_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-               "bfloat16": torch.bfloat16}
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 MANIFEST_NAME = "localdiff_unet.json"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusers' names
@@ -213,26 +213,24 @@ def load_unet(path: str | Path | UNetInfo, *, dtype: torch.dtype = torch.float32
 @dataclass
 class UNetDenoiserConfig(DenoiserConfig):
     path: str | None = None  # a diffusers UNet2DModel directory (default: the weights shipped for the dataset)
-    dtype: str = "float32"  # network arithmetic: float32, float64, float16 or bfloat16
+    dtype: Literal["float32", "float64", "float16", "bfloat16"] = "float32"  # network arithmetic
     allow_foreign: bool = False  # use a network whose manifest names other training data (refused otherwise)
 
 
-@register("unet")
 class UNetDenoiser(Denoiser):
     """A trained network; ``x0_hat`` from its output by its ``prediction_type`` (module docstring).
 
     Differentiable in ``x_t`` (weights frozen, eval mode), so sensitivity fields come from autograd.
     """
 
+    name = "unet"
     Config = UNetDenoiserConfig
     capabilities = Capabilities(trained=True)
     merges_shards = True  # it reads no training images (only their shape and the dataset's name)
 
     def __init__(self, data, config: UNetDenoiserConfig, schedule=None):
         super().__init__(data.shape, config, schedule)
-        if config.dtype not in UNET_DTYPES:
-            raise ConfigError(f"unet: unknown dtype '{config.dtype}': choose one of {', '.join(UNET_DTYPES)}")
-        self.dtype = UNET_DTYPES[config.dtype]
+        self.dtype = resolve_dtype(config.dtype)
         self.path = resolve_unet_path(config.path, data.name)
         info = inspect_unet_dir(self.path)
         check_unet_compatible(info, self.shape, self.schedule)

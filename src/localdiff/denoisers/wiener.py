@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..stats import Spectrum, data_spectrum
-from .base import Capabilities, Denoiser, DenoiserConfig, register
+from .base import Capabilities, Denoiser, DenoiserConfig
 
 
 def wiener_shrinkage(lam: torch.Tensor, a: float, b2: float) -> torch.Tensor:
@@ -44,10 +44,10 @@ class WienerConfig(DenoiserConfig):
     cache: bool = True  # reuse the on-disk statistics cache
 
 
-@register("wiener")
 class WienerDenoiser(Denoiser):
     """The Gaussian posterior mean: optimal among linear maps, computed in float64 from the data spectrum."""
 
+    name = "wiener"
     Config = WienerConfig
     capabilities = Capabilities(closed_form_jacobian=True, constant_jacobian=True, single_image_exact=True)
     uses_statistics = True

@@ -79,7 +79,7 @@ MODE_TITLES = {"own_trajectory": "along each model's own trajectory",
 MODEL_COLOURS = {
     "unet": "#000000", "wiener": "#1f77b4", "masked": "#d62728", "optimal": "#2ca02c", "nearest": "#7f7f7f",
     "linear": "#17becf", "ls": "#9467bd", "els": "#8c564b", "els-boundary": "#e377c2", "pspc": "#bcbd22",
-    "scfdm": "#ff7f0e", "masked-soft": "#ff9896", "masked-equivariant": "#c49c94", "masked-quadratic": "#f7b6d2",
+    "scfdm": "#ff7f0e", "masked-soft": "#ff9896", "masked-equivariant": "#c49c94", "wiener-quadratic": "#f7b6d2",
     "blob": "#aec7e8", "data": "#98df8a",
 }
 

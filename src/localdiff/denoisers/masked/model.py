@@ -35,23 +35,21 @@ from typing import Callable, Literal
 
 import torch
 
-from ..data.shards import total_images
-from ..distributed import merge_ranks, rank_input
-from ..errors import ConfigError
-from ..stats import Spectrum, data_spectrum
-from .base import Capabilities, Denoiser, DenoiserConfig, register, resolve_dtype
-from .masked_kernel import CHUNK_AVERAGE_EPS, LOG2E, KernelInputs, Partial, QOperator, run_workers, stream
-from .masked_plan import MaskPlan, PlanPath, plan_masks
-from .masked_schedule import MaskedSchedule, read_masked_schedule
+from ...data.shards import total_images
+from ...errors import ConfigError
+from ...stats import Spectrum, data_spectrum
+from ..base import Capabilities
+from ..stream import ColumnBlocks, SoftmaxState, StreamedDenoiser, StreamOptions, merge
+from .kernel import CHUNK_AVERAGE_EPS, LOG2E, KernelInputs, Partial, QOperator, run_workers, stream
 from .masks import Normalization, default_tau, masked_logits, pixels_outside_own_mask, wiener_masks
-from .softmax import SoftmaxState, merge, shifted_exp
-from .training_set import ColumnBlocks
+from .plan import MaskPlan, PlanPath, plan_masks
+from .schedule import MaskedSchedule, read_masked_schedule
 
 BLOCK_ELEMENTS = 450_000  # CPU: a tile's gathered rows plus logits per block of training images (~1.8 MB)
 
 
 @dataclass
-class MaskedConfig(DenoiserConfig):
+class MaskedConfig(StreamOptions):
     tau: float | None = None  # mask threshold, a fraction of max |normalised G_t|; None = by image shape
     temperature: float = 1.0  # softmax temperature T
     tau_schedule: str | None = None  # JSON file timestep -> tau and temperature (localdiff calibrate-masked);
@@ -61,7 +59,6 @@ class MaskedConfig(DenoiserConfig):
     # does not depend on it
     chunk_average: int | None = None  # compatibility: the official chunk-normalised softmax, chunks of N
     dtype: Literal["float32", "float64"] = "float32"  # arithmetic of the big products; softmax states are float64
-    resident: bool | None = None  # keep the float training set on the device (default: if it fits)
     path: PlanPath = "auto"  # "auto" (tiles and cores chosen from the masks by a cost model), "grouped"
     # (tiles, every non-empty core used) or "dense" (tiles read every pixel: no use of sparsity)
     tile: tuple[int, int] | None = None  # output tile shape (rows, columns), e.g. (2, 4) or --opt tile=2x4;
@@ -72,8 +69,7 @@ class MaskedConfig(DenoiserConfig):
     cache: bool = True  # reuse the on-disk statistics cache
 
 
-@register("masked")
-class MaskedDenoiser(Denoiser):
+class MaskedDenoiser(StreamedDenoiser):
     """Wiener-masked local denoiser: per pixel, the exact softmax average of the training images
     restricted to the pixel's Wiener mask (docs/DESIGN.md §2.5).
 
@@ -86,6 +82,7 @@ class MaskedDenoiser(Denoiser):
     masks, e.g. for square-window ablations; ``spectrum`` gives precomputed data statistics.
     """
 
+    name = "masked"
     Config = MaskedConfig
     capabilities = Capabilities(closed_form_jacobian=True, slow_autograd=True, single_image_exact=True)
     uses_statistics = True
@@ -93,15 +90,10 @@ class MaskedDenoiser(Denoiser):
 
     def __init__(self, data, config: MaskedConfig, schedule=None, *, spectrum: Spectrum | None = None,
                  masks: torch.Tensor | Callable[[int], torch.Tensor] | None = None):
-        super().__init__(data.shape, config, schedule)
+        super().__init__(data, config, schedule)  # validates the options, builds the pixel-major set
         config = self.config
-        self._validate(config)
-        if config.chunk_average is not None and total_images(data) != len(data):
-            raise ConfigError("masked: chunk_average (the official chunk-normalised softmax) depends on how the set "
-                              "is cut into blocks, so it runs in one process; drop it or run without torchrun")
         if config.chunk_average is not None:  # the compatibility mode: autograd only
             self.capabilities = dataclasses.replace(self.capabilities, closed_form_jacobian=False)
-        self.dtype = resolve_dtype(config.dtype)
         if config.tau is None:
             self.tau, self.tau_rule = default_tau(self.shape)
         else:
@@ -116,21 +108,36 @@ class MaskedDenoiser(Denoiser):
             self.spectrum = spec.to(self.device)
         else:
             self.spectrum = spectrum.to(self.device) if spectrum is not None else None
-        if config.chunk_average is not None:
-            chunk = config.chunk_average
-        elif config.chunk is not None:
-            chunk = config.chunk
-        else:  # a block [n, k] of about 8 MB (float32) on the CPU, 256 MB on a GPU; on the CPU the tiled
-            # path sizes its blocks per timestep instead (see _block_width)
-            budget = (64 << 20) if self.device.type == "cuda" else (2 << 20)  # elements
-            chunk = max(256, min(total_images(data), budget // self.dim))  # the same on every rank: the plan
-            # depends on it, and the ranks' states must have the same tiles
-        self.columns = ColumnBlocks(data, device=self.device, dtype=self.dtype, chunk=chunk,
-                                    resident=config.resident)
         self._fixed_width = config.chunk is not None or config.chunk_average is not None or self.device.type != "cpu"
         self._masks: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._plans: OrderedDict[tuple[int, int], MaskPlan] = OrderedDict()
         self._q: dict[int, torch.Tensor] = {}  # Q [n, K] per timestep
+
+    def training_set(self, data) -> ColumnBlocks:
+        """The training images pixel-major, ``YT`` [n, K] (:class:`ColumnBlocks`), in blocks of ``chunk``
+        images (``chunk_average``'s blocks; else about 8 MB (float32) on the CPU, 256 MB on a GPU: on the
+        CPU the tiled path sizes its blocks per timestep instead, see :meth:`_block_width`)."""
+        config = self.config
+        if config.chunk_average is not None and total_images(data) != len(data):
+            raise ConfigError("masked: chunk_average (the official chunk-normalised softmax) depends on how the set "
+                              "is cut into blocks, so it runs in one process; drop it or run without torchrun")
+        if config.chunk_average is not None:
+            chunk = config.chunk_average
+        elif config.chunk is not None:
+            chunk = config.chunk
+        else:
+            budget = (64 << 20) if self.device.type == "cuda" else (2 << 20)  # elements
+            chunk = max(256, min(total_images(data), budget // self.dim))  # the same on every rank: the plan
+            # depends on it, and the ranks' states must have the same tiles
+        return ColumnBlocks(data, device=self.device, dtype=self.dtype, chunk=chunk, resident=config.resident)
+
+    @property
+    def columns(self) -> ColumnBlocks:
+        """The training set, pixel-major (one column per image)."""
+        return self.train_set
+
+    def validate(self) -> None:
+        self._validate(self.config)
 
     @staticmethod
     def _validate(c: MaskedConfig) -> None:
@@ -297,7 +304,7 @@ class MaskedDenoiser(Denoiser):
         parts = run_workers(lambda share: stream(inputs, self.columns, share), shares)
         if store:
             self._q[t] = inputs.q_store
-        part = merge_ranks(functools.reduce(Partial.merge, parts), self.columns.shard)  # every rank's images
+        part = self.merge_ranks(functools.reduce(Partial.merge, parts))  # every rank's images
         return part.finish(plan, B, self.columns.total)
 
     def _q_operator(self, plan: MaskPlan) -> QOperator:
@@ -320,15 +327,13 @@ class MaskedDenoiser(Denoiser):
         [B, k, n]; used when ``x_t`` requires a gradient. Meant for small sets: autograd keeps every block."""
         M = self.masks(t)
         a, b2, T = self.schedule.a(t), self.schedule.b2(t), self.temperature_at(t)
-        x = rank_input(x, self.columns.shard)
+        x = self.rank_input(x)
         state = mean_sum = None
         blocks = 0
         for yt in self.columns:
             y = yt.T.to(torch.float64)  # [k, n]
             logits = masked_logits(x, y, M, a, b2, T)  # [B, k, n]: one softmax over k per query and pixel
-            m = logits.detach().amax(dim=1)  # [B, n]
-            e = shifted_exp(logits, m[:, None, :])
-            part = SoftmaxState(m, e.sum(dim=1), (e * y[None]).sum(dim=1))
+            part = SoftmaxState.from_logits(logits, 1, lambda e: (e * y[None]).sum(dim=1))
             if self.config.chunk_average is not None:  # official: each block's own mean, the means averaged
                 mean_sum = part.mean() if mean_sum is None else mean_sum + part.mean()
             else:
@@ -336,7 +341,7 @@ class MaskedDenoiser(Denoiser):
             blocks += 1
         if state is None:
             return mean_sum / (blocks + CHUNK_AVERAGE_EPS)
-        return merge_ranks(state, self.columns.shard).mean()
+        return self.merge_ranks(state).mean()
 
     # -- closed-form Jacobian -------------------------------------------------------------------
     @torch.no_grad()
@@ -358,7 +363,7 @@ class MaskedDenoiser(Denoiser):
             y = yt.T.to(torch.float64)  # [k, n]
             logits = masked_logits(x, y, Mq, a, b2, T).transpose(1, 2)  # [B, Q, k]: one softmax per query and row
             state = merge(state, SoftmaxState.moments(logits, y, index))
-        state = merge_ranks(state, self.columns.shard)
+        state = self.merge_ranks(state)
         return (a / (b2 * T)) * state.covariance_rows(index) * Mq.T[None].to(torch.float64)
 
 

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..distributed import merge_ranks
-from .base import Capabilities, register
-from .patches import PatchConfig, PatchDenoiser, _blocks, valid_box_sum
-from .softmax import SoftmaxState, merge, shifted_exp
+from ..base import Capabilities
+from ..stream import SoftmaxState, merge
+from .common import PatchConfig, PatchDenoiser, valid_box_sum
 
 
 @dataclass
@@ -22,7 +21,6 @@ class PSPCConfig(PatchConfig):
     pass
 
 
-@register("pspc")
 class PSPCDenoiser(PatchDenoiser):
     """Niedoba et al.'s PSPC-Square: for every placement p of a P x P patch that fits in the image,
     the patch posterior mean ``E[Pi_p y | Pi_p x_t] = sum_k w_{k,p} Pi_p y_k``,
@@ -32,6 +30,7 @@ class PSPCDenoiser(PatchDenoiser):
     the image, so ``patch_size >= max(H, W)`` is the exact ``optimal`` denoiser. Any P >= 1 (even too).
     """
 
+    name = "pspc"
     Config = PSPCConfig
     capabilities = Capabilities(slow_autograd=True, single_image_exact=True)
     odd_only = False
@@ -50,18 +49,15 @@ class PSPCDenoiser(PatchDenoiser):
         nh, nw = H - ph + 1, W - pw + 1
         D = C * ph * pw
         state = None
-        for y in self._images():
-            for yb in _blocks(y, B * (C + 1) * H * W + nh * nw * D, self.config.block):
-                xy = (x.unsqueeze(1) * yb.unsqueeze(0)).sum(2)  # [B, k, H, W]
-                yy = (yb * yb).sum(1)  # [k, H, W]
-                logits = (a * valid_box_sum(xy, ph, pw) - (0.5 * a * a) * valid_box_sum(yy, ph, pw)) / b2
-                logits = logits.flatten(2)  # [B, k, Np]
-                m = logits.detach().amax(1)  # [B, Np]
-                e = shifted_exp(logits, m.unsqueeze(1))
-                patches = F.unfold(yb, (ph, pw))  # [k, D, Np]
-                acc = torch.einsum("bkp,kdp->bpd", e, patches)  # [B, Np, D]
-                state = merge(state, SoftmaxState(m, e.sum(1), acc))
-        state = merge_ranks(state, self.train_set.shard)  # every rank's training patches
+        for yb in self.images(B * (C + 1) * H * W + nh * nw * D, self.config.block):
+            xy = (x.unsqueeze(1) * yb.unsqueeze(0)).sum(2)  # [B, k, H, W]
+            yy = (yb * yb).sum(1)  # [k, H, W]
+            logits = (a * valid_box_sum(xy, ph, pw) - (0.5 * a * a) * valid_box_sum(yy, ph, pw)) / b2
+            patches = F.unfold(yb, (ph, pw))  # [k, D, Np]
+            # one softmax over k per query and placement; acc [B, Np, D]
+            state = merge(state, SoftmaxState.from_logits(logits.flatten(2), 1,
+                                                          lambda e: torch.einsum("bkp,kdp->bpd", e, patches)))
+        state = self.merge_ranks(state)  # every rank's training patches
         est = state.mean().transpose(1, 2)  # [B, D, Np]: each placement's patch posterior mean
         total = F.fold(est, (H, W), (ph, pw))
         count = F.fold(torch.ones_like(est[:1]), (H, W), (ph, pw))

@@ -20,12 +20,12 @@ from typing import Iterator, Literal
 import torch
 import torch.nn.functional as F
 
-from ..data.shards import total_images
-from ..distributed import merge_ranks
-from ..errors import ConfigError
-from .base import Capabilities, register
-from .patches import Padding, PatchConfig, PatchDenoiser, _blocks, box_sum
-from .softmax import SoftmaxState, merge, shifted_exp
+from ...distributed import merge_ranks
+from ...errors import ConfigError
+from ..base import Capabilities
+from ..stream import SoftmaxState, merge, seeded_subset
+from .bank import PatchBank, bank_state
+from .common import Padding, PatchConfig, PatchDenoiser, box_sum
 
 
 @dataclass
@@ -50,14 +50,6 @@ class ELSConfig(BoundaryELSConfig):
     # code); padded: every position, padded like the query
 
 
-def _subset(data, max_train: int | None, seed: int, name: str):
-    if max_train is None:
-        return data
-    if max_train < 1:
-        raise ConfigError(f"{name}: max_train must be a positive number of images or None, got {max_train}")
-    return data if total_images(data) <= max_train else data.subset(max_train, seed=seed)
-
-
 # ------------------------------------------------------------------------------------------------
 # LS: same-location patches
 # ------------------------------------------------------------------------------------------------
@@ -77,13 +69,10 @@ def ls_logits(x: torch.Tensor, y: torch.Tensor, a: float, b2: float, d: int, pad
 
 def ls_state(x: torch.Tensor, y: torch.Tensor, a: float, b2: float, d: int, padding: str) -> SoftmaxState:
     """Per-pixel softmax state of one block: m, s [B, 1, H, W], acc [B, C, H, W]."""
-    logits = ls_logits(x, y, a, b2, d, padding)  # [B, k, H, W]
-    m = logits.detach().amax(1, keepdim=True)
-    e = shifted_exp(logits, m)
-    return SoftmaxState(m, e.sum(1, keepdim=True), torch.einsum("bkhw,kchw->bchw", e, y))
+    logits = ls_logits(x, y, a, b2, d, padding)  # [B, k, H, W]: one softmax over k per query and pixel
+    return SoftmaxState.from_logits(logits, 1, lambda e: torch.einsum("bkhw,kchw->bchw", e, y), keepdim=True)
 
 
-@register("ls")
 class LSDenoiser(PatchDenoiser):
     """Kamb & Ganguli's LS machine: ``x0_hat[i] = sum_k w_{k,i} y_k[i]``,
     ``w_{k,i} ∝ exp(-||Pi_i(x_t) - a Pi_i(y_k)||^2 / (2 b2))`` with the P x P patch at the same location.
@@ -94,6 +83,7 @@ class LSDenoiser(PatchDenoiser):
     gives the exact ``optimal`` denoiser.
     """
 
+    name = "ls"
     Config = LSConfig
     capabilities = Capabilities(slow_autograd=True, single_image_exact=True)
     merges_shards = True
@@ -105,10 +95,9 @@ class LSDenoiser(PatchDenoiser):
     def _denoise(self, x, a, b2, size):
         B, (C, H, W) = x.shape[0], self.shape
         d, state = size // 2, None
-        for y in self._images():
-            for yb in _blocks(y, B * (C + 2) * H * W, self.config.block):
-                state = merge(state, ls_state(x, yb, a, b2, d, self.config.padding))
-        return merge_ranks(state, self.train_set.shard).mean()
+        for yb in self.images(B * (C + 2) * H * W, self.config.block):
+            state = merge(state, ls_state(x, yb, a, b2, d, self.config.padding))
+        return self.merge_ranks(state).mean()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,67 +117,6 @@ def _candidate_rows(y: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     inside: J = (H-P+1)(W-P+1)) or every position padded by ``circular``/``zeros`` (J = H*W)."""
     cols = F.unfold(y, size) if mode == "valid" else _unfold(y, size, mode)  # [k, D, J]
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-
-
-@dataclass
-class _Bank:
-    """Candidate patches as GEMM operands: ``pt`` [D, N] the patches, ``sq`` [N] their squared norms,
-    ``logn`` [N] log multiplicities (identical patches merged), ``vals`` [C+1, N] centre pixels and a 1
-    (stored transposed: the weighted sums then run as a transposed-operand GEMM, much faster)."""
-
-    pt: torch.Tensor
-    sq: torch.Tensor
-    logn: torch.Tensor
-    vals: torch.Tensor
-
-    @classmethod
-    def of(cls, rows: torch.Tensor, centre: list[int], dedup: bool) -> "_Bank":
-        if dedup:  # exact: a patch seen n times enters the softmax once with weight n
-            rows, counts = torch.unique(rows, dim=0, return_counts=True)
-            logn = counts.to(rows.dtype).log()
-        else:
-            logn = rows.new_zeros(rows.shape[0])
-        vals = torch.cat([rows[:, centre], rows.new_ones(rows.shape[0], 1)], dim=1)
-        return cls(rows.t().contiguous(), (rows * rows).sum(1), logn, vals.t().contiguous())
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.pt, self.sq, self.logn, self.vals))
-
-
-def bank_state(q: torch.Tensor, qmask: torch.Tensor | None, bank: _Bank, a: float, b2: float,
-               block: int, buf: torch.Tensor | None = None) -> SoftmaxState:
-    """Softmax state (m, s [Q], acc [Q, C]) of queries ``q`` [Q, D] against every candidate of ``bank``.
-
-    Log-weight of candidate p: ``log n_p + (a <q, p> - a^2 ||mask * p||^2 / 2) / b2`` (``qmask`` [Q, D]
-    marks the in-image part of truncated query patches; None = all of it). Temporaries hold at most
-    ``block`` elements, written into ``buf`` when autograd is not recording.
-    """
-    Q = q.shape[0]
-    C = bank.vals.shape[0] - 1
-    reuse = buf is not None and not (torch.is_grad_enabled() and q.requires_grad)
-    step = max(1, block // Q)
-    lhs = None if qmask is None else torch.cat([q * (a / b2), qmask * (-0.5 * a * a / b2)], dim=1)  # [Q, 2D]
-    state = None
-    for s0 in range(0, bank.pt.shape[1], step):
-        pt = bank.pt[:, s0:s0 + step]  # [D, n]
-        n = pt.shape[1]
-        if lhs is None:
-            bias = bank.logn[s0:s0 + n] - (0.5 * a * a / b2) * bank.sq[s0:s0 + n]
-            if reuse:
-                logits = torch.addmm(bias, q, pt, alpha=a / b2, out=buf[:Q * n].view(Q, n))  # [Q, n]
-            else:
-                logits = torch.addmm(bias, q, pt, alpha=a / b2)
-        else:
-            rhs = torch.cat([pt, pt * pt], dim=0)  # [2D, n]
-            if reuse:
-                logits = torch.mm(lhs, rhs, out=buf[:Q * n].view(Q, n)).add_(bank.logn[s0:s0 + n])
-            else:
-                logits = lhs @ rhs + bank.logn[s0:s0 + n]
-        m = logits.detach().amax(1, keepdim=True)
-        e = shifted_exp(logits, m)
-        r = e @ bank.vals[:, s0:s0 + n].t()  # [Q, C+1]: weighted centre pixels and the weight sum
-        state = merge(state, SoftmaxState(m[:, 0], r[:, C], r[:, :C]))
-    return state
 
 
 @dataclass
@@ -216,10 +144,8 @@ def _family_state(q: torch.Tensor, cand: torch.Tensor, centre: torch.Tensor, fam
     vf = centre[:, :, fam.c_idx].permute(2, 0, 3, 1).reshape(G, k * J, C)  # [G, k*J, C]
     bias = (pf * pf).sum(1, keepdim=True) * (-0.5 * a * a / b2)  # [G, 1, k*J]
     logits = torch.baddbmm(bias, qf, pf, alpha=a / b2)  # [G, B*I, k*J]
-    m = logits.detach().amax(2, keepdim=True)
-    e = shifted_exp(logits, m)
-    acc = torch.bmm(e, vf)  # [G, B*I, C]
-    return SoftmaxState(m.view(G, B, I), e.sum(2).view(G, B, I), acc.view(G, B, I, C))
+    st = SoftmaxState.from_logits(logits, 2, lambda e: torch.bmm(e, vf))  # acc [G, B*I, C]
+    return SoftmaxState(st.m.view(G, B, I), st.s.view(G, B, I), st.acc.view(G, B, I, C))
 
 
 def merge_ranks_each(states: list[SoftmaxState], shard) -> list[SoftmaxState]:
@@ -252,16 +178,16 @@ class _EquivariantBase(PatchDenoiser):
         super().__init__(data, config, schedule)
         if self.config.bank_mb < 0:
             raise ConfigError(f"{self.name}: bank_mb must be >= 0, got {self.config.bank_mb}")
-        self._banks: dict[tuple[int, str], _Bank] = {}
+        self._banks: dict[tuple[int, str], PatchBank] = {}
 
     def training_data(self, data):
-        return _subset(data, self.config.max_train, self.config.seed, self.name)
+        return seeded_subset(data, self.config.max_train, self.config.seed, self.name)
 
     def _centre(self, size: int) -> list[int]:
         d = size // 2
         return [c * size * size + d * size + d for c in range(self.shape[0])]
 
-    def banks(self, size: int, mode: str) -> Iterator[_Bank]:
+    def banks(self, size: int, mode: str) -> Iterator[PatchBank]:
         """The candidate patches of every training image (``mode`` as in :func:`_candidate_rows`).
 
         Kept between calls, deduplicated, when all of them fit in ``bank_mb`` (the oldest kept banks
@@ -276,17 +202,16 @@ class _EquivariantBase(PatchDenoiser):
         D = C * size * size
         budget = self.config.bank_mb << 20
         if len(self.train_set) * J * D * self.dtype.itemsize <= budget:
-            rows = torch.cat([_candidate_rows(y, size, mode) for y in self._images()])
-            bank = _Bank.of(rows, self._centre(size), dedup=True)
+            rows = torch.cat([_candidate_rows(y, size, mode) for y in self.images()])
+            bank = PatchBank.of(rows, self._centre(size), dedup=True)
             del rows
             while self._banks and sum(b.nbytes() for b in self._banks.values()) + bank.nbytes() > budget:
                 self._banks.pop(next(iter(self._banks)))
             self._banks[key] = bank
             yield bank
             return
-        for y in self._images():
-            for yb in _blocks(y, J * D, self.config.block):
-                yield _Bank.of(_candidate_rows(yb, size, mode), self._centre(size), dedup=False)
+        for yb in self.images(J * D, self.config.block):
+            yield PatchBank.of(_candidate_rows(yb, size, mode), self._centre(size), dedup=False)
 
     def _bank_softmax(self, q, qmask, size, mode, a, b2) -> SoftmaxState:
         grad = torch.is_grad_enabled() and q.requires_grad
@@ -295,10 +220,9 @@ class _EquivariantBase(PatchDenoiser):
         state = None
         for bank in self.banks(size, mode):
             state = merge(state, bank_state(q, qmask, bank, a, b2, self.config.block, buf))
-        return merge_ranks(state, self.train_set.shard)
+        return self.merge_ranks(state)
 
 
-@register("els")
 class ELSDenoiser(_EquivariantBase):
     """Kamb & Ganguli's ELS machine: ``x0_hat[i] = sum_{k,j} w_{(k,j),i} y_k[j]``,
     ``w_{(k,j),i} ∝ exp(-||Pi_i(x_t) - a Pi_j(y_k)||^2 / (2 b2))`` over patches at every position j of
@@ -314,6 +238,7 @@ class ELSDenoiser(_EquivariantBase):
     Patch sizes are limited to ``min(H, W)``.
     """
 
+    name = "els"
     Config = ELSConfig
     merges_shards = True
 
@@ -344,7 +269,6 @@ class ELSDenoiser(_EquivariantBase):
         return state.mean().view(B, H * W, C).transpose(1, 2).reshape(B, C, H, W)
 
 
-@register("els-boundary")
 class BoundaryELSDenoiser(_EquivariantBase):
     """Kamb & Ganguli's boundary-broken ELS machine (their model of zero-padded CNNs).
 
@@ -357,6 +281,7 @@ class BoundaryELSDenoiser(_EquivariantBase):
     (the LS machine). When P >= the image every pixel is a corner and the model is LS with zero padding.
     """
 
+    name = "els-boundary"
     Config = BoundaryELSConfig
     merges_shards = True
 
@@ -383,10 +308,9 @@ class BoundaryELSDenoiser(_EquivariantBase):
         d = size // 2
         # corners (and everything when P covers the image): LS with zero padding, same position only
         corners = None
-        for y in self._images():
-            for yb in _blocks(y, B * (C + 2) * H * W, self.config.block):
-                corners = merge(corners, ls_state(x, yb, a, b2, d, "zeros"))
-        out = merge_ranks(corners, self.train_set.shard).mean().reshape(B, C, H * W)
+        for yb in self.images(B * (C + 2) * H * W, self.config.block):
+            corners = merge(corners, ls_state(x, yb, a, b2, d, "zeros"))
+        out = self.merge_ranks(corners).mean().reshape(B, C, H * W)
         if H <= 2 * d or W <= 2 * d:
             return out.view(B, C, H, W)
         q = _unfold(x, size, "zeros")  # [B, D, HW]
@@ -402,17 +326,16 @@ class BoundaryELSDenoiser(_EquivariantBase):
             return out.view(B, C, H, W)
         states = [None] * len(fams)
         per_image = max(q.shape[1] * H * W, max(B * f.q_idx.numel() * f.c_idx.shape[1] for f in fams))
-        for y in self._images():
-            for yb in _blocks(y, 2 * per_image, self.config.block):
-                cand = _unfold(yb, size, "zeros")  # [k, D, HW]
-                centre = yb.reshape(yb.shape[0], C, H * W)
-                for n, fam in enumerate(fams):
-                    states[n] = merge(states[n], _family_state(q, cand, centre, fam, a, b2))
-        for fam, st in zip(fams, merge_ranks_each(states, self.train_set.shard)):
+        for yb in self.images(2 * per_image, self.config.block):
+            cand = _unfold(yb, size, "zeros")  # [k, D, HW]
+            centre = yb.reshape(yb.shape[0], C, H * W)
+            for n, fam in enumerate(fams):
+                states[n] = merge(states[n], _family_state(q, cand, centre, fam, a, b2))
+        for fam, st in zip(fams, merge_ranks_each(states, self.shard)):
             G, Bq, I, _ = st.acc.shape
             out[:, :, fam.q_idx.reshape(-1)] = st.mean().permute(1, 3, 0, 2).reshape(B, C, G * I)
         return out.view(B, C, H, W)
 
 
 __all__ = ["LSConfig", "ELSConfig", "BoundaryELSConfig", "LSDenoiser", "ELSDenoiser", "BoundaryELSDenoiser",
-           "ls_logits", "ls_state", "bank_state"]
+           "ls_logits", "ls_state"]

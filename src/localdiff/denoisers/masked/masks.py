@@ -16,9 +16,9 @@ from typing import Literal
 
 import torch
 
-from ..errors import ConfigError
-from ..stats import Spectrum
-from .wiener import wiener_gain, wiener_gain_eigs
+from ...errors import ConfigError
+from ...stats import Spectrum
+from ..wiener import wiener_gain, wiener_gain_eigs
 
 Normalization = Literal["diag", "sym"]
 DIAG_EPS = 1e-6  # the official code replaces |G[m, m]| < 1e-6 by 1 before dividing

@@ -71,7 +71,7 @@ GATHER_MACS = 30.0  # copying one float of the training block into a tile's buff
 ELEMENTWISE_MACS = 2.0  # one pass of a simple elementwise op, per element
 
 
-def _gemm_efficiency(rows: int) -> float:
+def gemm_efficiency(rows: int) -> float:
     """Rough fraction of peak a [rows, u] @ [u, k] product reaches on CPU (measured: 16 -> ~0.5, 128 -> ~0.9)."""
     return rows / (rows + 16.0)
 
@@ -105,12 +105,12 @@ def tile_stats(masks: torch.Tensor, nonempty: torch.Tensor, shape, th: int, tw: 
     return g.long(), u, c
 
 
-def _costs(g, r, c, batch: int, chunk: int):
+def tile_costs(g, r, c, batch: int, chunk: int):
     """Estimated time per training image of tiles with g outputs, r residual and c core pixels."""
     rows = batch * g
     eff = rows / (rows + 16.0)
     cost = rows * (r + g + 1 + torch.where(c > 0, batch, 0)) / eff  # logits
-    cost = cost + batch * c / _gemm_efficiency(batch)  # core sums
+    cost = cost + batch * c / gemm_efficiency(batch)  # core sums
     cost = cost + rows * (g + 1) / eff  # weighted sums
     cost = cost + rows * 3 * ELEMENTWISE_MACS  # threshold, exp2
     cost = cost + GATHER_MACS * (r + c + 2 * g) + OVERHEAD_MACS / chunk
@@ -131,7 +131,7 @@ def plan_masks(masks: torch.Tensor, shape, batch: int, *, path: PlanPath = "auto
     nonempty = m_cpu.any(dim=0)
     m_float = m_cpu.to(torch.float32)  # exact: counts of at most n
     # Q = M^T (Y*Y) on a cache miss, per training image: the cheapest QMode
-    q_costs = {"dense": n * n / _gemm_efficiency(n) if n <= DENSE_Q_MAX else math.inf,
+    q_costs = {"dense": n * n / gemm_efficiency(n) if n <= DENSE_Q_MAX else math.inf,
                "sparse": SPARSE_MACS * nnz,
                "runs": SPARSE_MACS * int(row_runs(m_cpu.T, shape).values().numel()) + 2 * ELEMENTWISE_MACS * n}
     q_mode = min(q_costs, key=q_costs.get)
@@ -140,12 +140,12 @@ def plan_masks(masks: torch.Tensor, shape, batch: int, *, path: PlanPath = "auto
         g, u, c = tile_stats(m_float, nonempty, shape, th, tw)
         options = []
         if path in ("auto", "grouped"):
-            plain = _costs(g, u, torch.zeros_like(c), batch, chunk)
-            cored = _costs(g, u - c, c, batch, chunk)
+            plain = tile_costs(g, u, torch.zeros_like(c), batch, chunk)
+            cored = tile_costs(g, u - c, c, batch, chunk)
             use_core = (c > 0) if path == "grouped" else cored < plain  # "grouped": every core, for tests
             options.append((torch.where(use_core, cored, plain).sum().item(), False, use_core))
         if path in ("auto", "dense"):
-            cost = _costs(g, torch.full_like(u, n), torch.zeros_like(c), batch, chunk)
+            cost = tile_costs(g, torch.full_like(u, n), torch.zeros_like(c), batch, chunk)
             options.append((cost.sum().item(), True, torch.zeros_like(g, dtype=torch.bool)))
         for total, dense, use_core in options:
             if best is None or total < best[0]:

@@ -1,4 +1,4 @@
-"""``masked-quadratic``: statistics beyond pairs of pixels inside each pixel's neighbourhood
+"""``wiener-quadratic``: statistics beyond pairs of pixels inside each pixel's neighbourhood
 (docs/DESIGN.md §2.9; the paper's outlook).
 
 The Wiener filter is the best map that is linear in ``x_t``; it reads only the data's mean and
@@ -31,12 +31,13 @@ import torch
 
 from ..errors import ConfigError
 from ..stats import Spectrum, data_spectrum
-from .base import Capabilities, Denoiser, DenoiserConfig, TrainingSet, register
+from .base import Capabilities, DenoiserConfig
+from .stream import StreamConfig, StreamedDenoiser, TrainingSet
 from .wiener import wiener_apply, wiener_jacobian
 
 
 @dataclass
-class MaskedQuadraticConfig(DenoiserConfig):
+class WienerQuadraticConfig(DenoiserConfig):
     k: int = 6  # neighbourhood size: the k pixels most correlated with the output pixel (itself first)
     ridge: float = 1e-8  # Tikhonov term, relative to the mean diagonal of each pixel's Gram matrix
     pixel_block: int = 32  # output pixels per step when computing moments (memory: block x images x k^2)
@@ -84,30 +85,36 @@ def isserlis_fourth(M2: torch.Tensor, s2: float) -> torch.Tensor:
     return (s2 * terms + s2 * s2 * consts[None]).reshape(n, k * k, k * k)
 
 
-@register("masked-quadratic")
-class MaskedQuadraticDenoiser(Denoiser):
+class WienerQuadraticDenoiser(StreamedDenoiser):
     """Wiener plus, per pixel, the exact least-squares quadratic correction in its k most correlated
     pixels (module docstring): third- and fourth-order statistics inside the neighbourhood."""
 
-    Config = MaskedQuadraticConfig
+    name = "wiener-quadratic"
+    Config = WienerQuadraticConfig
     capabilities = Capabilities(closed_form_jacobian=True, single_image_exact=True)
     uses_statistics = True
 
-    def __init__(self, data, config: MaskedQuadraticConfig, schedule=None, *, spectrum: Spectrum | None = None):
-        super().__init__(data.shape, config, schedule)
+    def __init__(self, data, config: WienerQuadraticConfig, schedule=None, *, spectrum: Spectrum | None = None):
+        super().__init__(data, config, schedule)
         c = self.config
         if not 1 <= c.k <= self.dim:
-            raise ConfigError(f"masked-quadratic: k must be between 1 and {self.dim}, got {c.k}")
+            raise ConfigError(f"{self.name}: k must be between 1 and {self.dim}, got {c.k}")
         if not c.ridge >= 0 or c.pixel_block < 1:
-            raise ConfigError("masked-quadratic: ridge must be >= 0 and pixel_block positive")
+            raise ConfigError(f"{self.name}: ridge must be >= 0 and pixel_block positive")
         spec = spectrum if spectrum is not None else data_spectrum(data, device="cpu", cache=c.cache)
         self.spectrum = spec.to("cpu")
         self.nbhd = correlation_neighbourhoods(self.spectrum, c.k)  # [n, k]
-        self.train = TrainingSet(data, device=torch.device("cpu"), dtype=torch.float64, chunk=4096, resident=False)
-        self.M2, self.M3, self.M4 = data_moments(self.train, self.spectrum.mean, self.nbhd, c.pixel_block)
+        self.M2, self.M3, self.M4 = data_moments(self.train_set, self.spectrum.mean, self.nbhd, c.pixel_block)
         k = c.k
         self.pairs = torch.tensor([p * k + q for p in range(k) for q in range(p, k)])  # (p, q), p <= q, flat
         self._beta: dict[int, torch.Tensor] = {}
+
+    def stream_options(self) -> StreamConfig:
+        return StreamConfig(dtype=torch.float64, resident=False)  # moments in float64, streamed once per t
+
+    def training_set(self, data) -> TrainingSet:
+        c = self.stream_config  # on the CPU whatever the device: the moments are small, the set streamed
+        return TrainingSet(data, device=torch.device("cpu"), dtype=c.dtype, chunk=c.chunk, resident=c.resident)
 
     def settings(self) -> dict:
         return {**super().settings(), "neighbourhood": "k most correlated pixels (itself first)"}
@@ -125,7 +132,7 @@ class MaskedQuadraticDenoiser(Denoiser):
         Ew = torch.zeros(n, dtype=torch.float64)
         Euw = torch.zeros(n, k, dtype=torch.float64)
         Euuw = torch.zeros(n, k * k, dtype=torch.float64)
-        for _, y, _ in self.train:
+        for _, y, _ in self.train_set:
             yc = y.to(torch.float64) - mu  # [b, n]
             w = yc - a * yc @ J.T  # [b, n]
             Ew += w.sum(0)
@@ -135,7 +142,7 @@ class MaskedQuadraticDenoiser(Denoiser):
                 Euw[p0:p0 + v.shape[0]] += (v * wi).sum(1)
                 vv = (v[..., :, None] * v[..., None, :]).reshape(v.shape[0], v.shape[1], k * k)
                 Euuw[p0:p0 + v.shape[0]] += (vv * wi).sum(1)
-        K = len(self.train)
+        K = len(self.train_set)
         Ew, Euw, Euuw = Ew / K, Euw / K, Euuw / K
         s2 = b2
         eye = torch.eye(k, dtype=torch.float64)
@@ -192,5 +199,5 @@ class MaskedQuadraticDenoiser(Denoiser):
         return rows
 
 
-__all__ = ["MaskedQuadraticConfig", "MaskedQuadraticDenoiser", "correlation_neighbourhoods", "data_moments",
+__all__ = ["WienerQuadraticConfig", "WienerQuadraticDenoiser", "correlation_neighbourhoods", "data_moments",
            "isserlis_fourth"]

@@ -49,6 +49,24 @@ class SoftmaxState:
         return cls(m, e.sum(dim=1), e @ values)
 
     @classmethod
+    def from_logits(cls, logits: torch.Tensor, dim: int, weigh: Callable[[torch.Tensor], torch.Tensor], *,
+                    keepdim: bool = False) -> "SoftmaxState":
+        """State of one block from ``logits`` (one softmax along ``dim``): ``m`` the detached maximum,
+        ``e = exp(logits - m)`` (in place unless autograd needs the logits), ``s = sum e`` and
+        ``acc = weigh(e)``, the model's weighted sum of its values. ``keepdim`` keeps ``dim`` in m and s."""
+        m = logits.detach().amax(dim, keepdim=True)
+        e = cls.shifted_exp(logits, m)
+        return cls(m if keepdim else m.squeeze(dim), e.sum(dim, keepdim=keepdim), weigh(e))
+
+    @classmethod
+    def shifted_exp(cls, logits: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """``exp(logits - m)`` (``2^(...)`` in log2 units); in place unless autograd needs the logits.
+        ``m`` must be detached."""
+        if torch.is_grad_enabled() and logits.requires_grad:
+            return cls.exp(logits - m)
+        return logits.sub_(m).exp_() if cls.exp is torch.exp else logits.sub_(m).exp2_()
+
+    @classmethod
     def moments(cls, logits: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> "SoftmaxState":
         """State of one block with second moments, for posterior covariances.
 
@@ -97,11 +115,4 @@ def merge(state: SoftmaxState | None, part: SoftmaxState | None) -> SoftmaxState
     return state if part is None else state.merge(part)
 
 
-def shifted_exp(logits: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """``exp(logits - m)``; in place unless autograd needs the logits. ``m`` must be detached."""
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return torch.exp(logits - m)
-    return logits.sub_(m).exp_()
-
-
-__all__ = ["SoftmaxState", "Log2SoftmaxState", "merge", "shifted_exp"]
+__all__ = ["SoftmaxState", "Log2SoftmaxState", "merge"]

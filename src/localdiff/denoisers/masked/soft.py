@@ -29,14 +29,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
-from .base import register
-from .masked import MaskedConfig, MaskedDenoiser
-from .masked_kernel import QOperator
-from .masked_plan import DENSE_Q_MAX, SPARSE_MACS, TILE_SHAPES, MaskPlan, Tile, _costs, _gemm_efficiency, \
+from ...errors import ConfigError
+from ..wiener import wiener_gain
+from .kernel import QOperator
+from .model import MaskedConfig, MaskedDenoiser
+from .plan import DENSE_Q_MAX, SPARSE_MACS, TILE_SHAPES, MaskPlan, Tile, tile_costs, gemm_efficiency, \
     tile_stats, tiles_of
 from .masks import DIAG_EPS, normalized_gain, threshold_masks
-from .wiener import wiener_gain
 
 
 @dataclass
@@ -69,7 +68,7 @@ def plan_weights(weights: torch.Tensor, shape, batch: int, *, path: str = "auto"
         g, u, c = tile_stats(s_float, nonempty, shape, th, tw)
         zero = torch.zeros_like(c)
         for dense in ((False, True) if path == "auto" else (path == "dense",)):
-            cost = _costs(g, torch.full_like(u, n) if dense else u, zero, batch, chunk).sum().item()
+            cost = tile_costs(g, torch.full_like(u, n) if dense else u, zero, batch, chunk).sum().item()
             if best is None or cost < best[0]:
                 best = (cost, th, tw, dense)
     _, th, tw, dense = best
@@ -85,7 +84,7 @@ def plan_weights(weights: torch.Tensor, shape, batch: int, *, path: str = "auto"
         macs += len(q) * len(resid)
         tiles.append(Tile(q.to(dev), torch.zeros(0, dtype=torch.long, device=dev), resid.to(dev),
                           w_q.index_select(1, resid).to(dev)))
-    q_dense = n * n / _gemm_efficiency(n) if n <= DENSE_Q_MAX else math.inf
+    q_dense = n * n / gemm_efficiency(n) if n <= DENSE_Q_MAX else math.inf
     q_mode = "dense" if q_dense <= SPARSE_MACS * nnz else "sparse"
     empty = torch.nonzero(~nonempty).squeeze(1).to(dev)
     return MaskPlan(weights, tuple(tiles), empty, (th, tw), dense, q_mode, nnz, int(macs))
@@ -104,21 +103,24 @@ def weighted_q_operator(plan: MaskPlan, shape, dtype: torch.dtype) -> QOperator:
     return QOperator("sparse", shape[2], rows=rows, offsets=offsets, signs=wt[pixel, rows].to(dtype))
 
 
-@register("masked-soft")
 class MaskedSoftDenoiser(MaskedDenoiser):
     """The Wiener-masked denoiser with soft masks ``W = min(1, |N|)^gamma`` on the paper's support
     (module docstring); exact global softmax, streamed by the masked kernel, closed-form Jacobian."""
 
+    name = "masked-soft"
     Config = MaskedSoftConfig
 
     def __init__(self, data, config: MaskedSoftConfig, schedule=None, *, spectrum=None):
-        if getattr(config, "chunk_average", None) is not None:
+        super().__init__(data, config, schedule, spectrum=spectrum)
+
+    def validate(self) -> None:
+        if self.config.chunk_average is not None:
             raise ConfigError("masked-soft: chunk_average (the official chunk-normalised softmax) exists only for "
                               "the masked model; masked-soft always uses the exact global softmax")
-        gamma = getattr(config, "gamma", 1.0)
-        if isinstance(gamma, (int, float)) and not (math.isfinite(gamma) and gamma >= 0):
+        gamma = self.config.gamma
+        if not (math.isfinite(gamma) and gamma >= 0):
             raise ConfigError(f"masked-soft: gamma must be a number >= 0, got {gamma}")
-        super().__init__(data, config, schedule, spectrum=spectrum)
+        super().validate()
 
     def settings(self) -> dict:
         out = super().settings()

@@ -33,9 +33,8 @@ from typing import Callable
 
 import torch
 
-from .masked_plan import MaskPlan, QMode, Tile, row_runs
-from .softmax import Log2SoftmaxState, merge
-from .training_set import ColumnBlocks
+from .plan import MaskPlan, QMode, Tile, row_runs
+from ..stream import ColumnBlocks, Log2SoftmaxState, merge
 
 LOG2E = 1.4426950408889634
 NEGLIGIBLE_LOG2 = -64.0  # weights below 2^-64 of the running total are dropped (see exp_and_sum)

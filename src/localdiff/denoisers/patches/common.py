@@ -18,14 +18,13 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Iterator, Literal
+from typing import ClassVar, Literal
 
 import torch
 
-from ..distributed import rank_input
-from ..errors import ConfigError
-from .base import Denoiser, DenoiserConfig, TrainingSet, resolve_dtype
-from .schedule_files import nearest_listed, read_schedule_doc
+from ...errors import ConfigError
+from ..schedule_files import nearest_listed, read_schedule_doc
+from ..stream import BLOCK_ELEMENTS, StreamedDenoiser, StreamOptions
 
 SCHEDULE_FORMAT = "localdiff.patch-schedule"
 Padding = Literal["zeros", "truncate", "circular"]
@@ -107,22 +106,12 @@ def valid_box_sum(v: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
     return v
 
 
-def _blocks(y: torch.Tensor, per_image: int, block: int) -> Iterator[torch.Tensor]:
-    """Split a chunk of training images so each block's temporaries hold at most ~``block`` elements."""
-    k = max(1, block // max(1, per_image))
-    for s in range(0, y.shape[0], k):
-        yield y[s:s + k]
-
-
-
 @dataclass
-class PatchConfig(DenoiserConfig):
+class PatchConfig(StreamOptions):
     patch_size: int = 5  # P, side of the square patch (used at every timestep unless patch_schedule is given)
     patch_schedule: str | None = None  # JSON file timestep -> patch size (calibrate-patches); overrides patch_size
-    chunk: int = 4096  # training images per streamed chunk (the result does not depend on it)
-    block: int = 1 << 20  # elements of the largest temporary (about cache-sized: the speed depends on it)
+    block: int = BLOCK_ELEMENTS  # elements of the largest temporary (about cache-sized: the speed depends on it)
     dtype: Literal["float32", "float64"] = "float64"  # arithmetic of the patch distances
-    resident: bool | None = None  # keep the float training set on the device (default: if it fits)
 
 
 
@@ -130,7 +119,7 @@ class PatchConfig(DenoiserConfig):
 # Common base: patch size per timestep
 # ------------------------------------------------------------------------------------------------
 
-class PatchDenoiser(Denoiser):
+class PatchDenoiser(StreamedDenoiser):
     """A denoiser whose locality is a square patch of side P chosen per timestep.
 
     :meth:`denoise_patch` runs it at an explicit patch size (used by calibration).
@@ -140,9 +129,8 @@ class PatchDenoiser(Denoiser):
     odd_only: ClassVar[bool] = True
 
     def __init__(self, data, config: PatchConfig, schedule=None):
-        super().__init__(data.shape, config, schedule)
+        super().__init__(data, config, schedule)
         config = self.config
-        self.dtype = resolve_dtype(config.dtype)
         if config.block < 1:
             raise ConfigError(f"{self.name}: block must be a positive number of elements, got {config.block}")
         path = config.patch_schedule
@@ -150,11 +138,6 @@ class PatchDenoiser(Denoiser):
         sizes = [config.patch_size] if self.size_schedule is None else list(self.size_schedule.sizes.values())
         for size in sizes:
             self.check_patch_size(size)
-        self.train_set = TrainingSet(self.training_data(data), device=self.device, dtype=self.dtype,
-                                     chunk=config.chunk, resident=config.resident)
-
-    def training_data(self, data):
-        return data
 
     def patch_size_at(self, t: int) -> int:
         """P used at timestep t: from the schedule (nearest listed timestep) or the constant patch_size."""
@@ -183,17 +166,12 @@ class PatchDenoiser(Denoiser):
         """x0_hat at an explicit patch size (``x_t`` [B, C, H, W] on this denoiser's device)."""
         t = self.schedule.check_t(t)
         size = self.check_patch_size(patch_size)
-        x = rank_input(x_t.to(device=self.device, dtype=self.dtype), self.train_set.shard)  # reaches the output
-        # only through the softmax states, which each model merges over the ranks (merge_ranks)
+        x = self.rank_input(x_t.to(device=self.device, dtype=self.dtype))  # reaches the output only through
+        # the softmax states, which each model merges over the ranks (merge_ranks)
         return self._denoise(x, self.schedule.a(t), self.schedule.b2(t), size).to(x_t.dtype)
 
     def _denoise(self, x: torch.Tensor, a: float, b2: float, size: int) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
-
-    def _images(self) -> Iterator[torch.Tensor]:
-        """Training chunks as images [k, C, H, W]."""
-        for _, y, _ in self.train_set:
-            yield y.view(y.shape[0], *self.shape)
 
 
 __all__ = ["PatchSchedule", "read_patch_schedule", "SCHEDULE_FORMAT", "Padding", "PatchConfig", "PatchDenoiser",

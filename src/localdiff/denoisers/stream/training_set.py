@@ -11,9 +11,9 @@ from typing import Iterator
 
 import torch
 
-from ..data.dataset import _to_float
-from ..data.shards import shard_of, total_images
-from ..errors import ConfigError
+from ...data.dataset import _to_float
+from ...data.shards import shard_of, total_images
+from ...errors import ConfigError
 
 
 class TrainingSet:

@@ -38,14 +38,14 @@ from typing import Iterator, Literal
 
 import torch
 
-from ..errors import ConfigError
-from ..stats import Spectrum, data_spectrum
-from .base import Capabilities, Denoiser, DenoiserConfig, TrainingSet, register, resolve_dtype
-from .local_score import _Bank, _subset
-from .masked_schedule import MaskedSchedule, check_tau, check_temperature, read_masked_schedule
+from ...errors import ConfigError
+from ...stats import Spectrum, data_spectrum
+from ..base import Capabilities
+from ..patches.bank import PatchBank
+from ..stream import SoftmaxState, StreamedDenoiser, StreamOptions, merge, seeded_subset
+from ..wiener import wiener_gain
 from .masks import Normalization, normalized_gain
-from .softmax import SoftmaxState, merge, shifted_exp
-from .wiener import wiener_gain
+from .schedule import MaskedSchedule, check_tau, check_temperature, read_masked_schedule
 
 NEGLIGIBLE = -80.0  # log-weights this far below their block's maximum are dropped (see bank_softmax)
 BANK_BLOCK = 1 << 22  # elements of the gathered patches per step while building a bank
@@ -54,7 +54,7 @@ DEFAULT_TAU = 0.02  # chosen on held-out denoising MSE on MNIST (docs/RESULTS.md
 
 
 @dataclass
-class MaskedEquivariantConfig(DenoiserConfig):
+class MaskedEquivariantConfig(StreamOptions):
     tau: float = DEFAULT_TAU  # stencil threshold, a fraction of max |translation-averaged normalised gain|
     temperature: float = 1.0  # softmax temperature T
     tau_schedule: str | None = None  # JSON file timestep -> tau and temperature (calibrate-masked); overrides both
@@ -65,7 +65,6 @@ class MaskedEquivariantConfig(DenoiserConfig):
     dtype: Literal["float32", "float64"] = "float32"  # arithmetic of the patch products
     block: int = 1 << 21  # elements of the largest logit temporary
     bank_mb: int = 1024  # memory for candidate-patch banks kept between calls; larger sets (or 0) are streamed
-    chunk: int = 4096  # training images per chunk when building banks (the result does not depend on it)
     cache: bool = True  # reuse the on-disk statistics cache
 
 
@@ -152,19 +151,31 @@ def families_of(offsets: torch.Tensor, weights: torch.Tensor, channel: int, shap
     return fams
 
 
-@register("masked-equivariant")
-class MaskedEquivariantDenoiser(Denoiser):
+class MaskedEquivariantDenoiser(StreamedDenoiser):
     """The paper's Wiener neighbourhood as one stencil per timestep, with candidate patches from every
     position of every training image at the same border configuration (module docstring)."""
 
+    name = "masked-equivariant"
     Config = MaskedEquivariantConfig
     capabilities = Capabilities(closed_form_jacobian=True, slow_autograd=True)
     uses_statistics = True
 
     def __init__(self, data, config: MaskedEquivariantConfig, schedule=None, *, spectrum: Spectrum | None = None):
-        super().__init__(data.shape, config, schedule)
+        super().__init__(data, config, schedule)  # validates, keeps the (subset of the) training set
         c = self.config
-        self.tau = check_tau(c.tau)
+        self.tau = c.tau
+        self.tau_schedule: MaskedSchedule | None = None
+        if c.tau_schedule is not None:
+            self.tau_schedule = read_masked_schedule(c.tau_schedule)
+        spec = spectrum if spectrum is not None else data_spectrum(data, device="cpu", cache=c.cache)
+        self.spectrum = spec.to("cpu")
+        self._stencils: dict[int, Stencil] = {}
+        self._families: dict[int, list[list[Family]]] = {}
+        self._banks: OrderedDict[int, list[list[PatchBank]]] = OrderedDict()  # per t, channel, family
+
+    def validate(self) -> None:
+        c = self.config
+        check_tau(c.tau)
         check_temperature(c.temperature)
         if not (math.isfinite(c.gamma) and c.gamma >= 0):
             raise ConfigError(f"masked-equivariant: gamma must be a number >= 0, got {c.gamma}")
@@ -173,22 +184,13 @@ class MaskedEquivariantDenoiser(Denoiser):
                 raise ConfigError(f"masked-equivariant: {key} must be positive, got {getattr(c, key)}")
         if c.bank_mb < 0:
             raise ConfigError(f"masked-equivariant: bank_mb must be >= 0, got {c.bank_mb}")
-        self.tau_schedule: MaskedSchedule | None = None
-        if c.tau_schedule is not None:
-            self.tau_schedule = read_masked_schedule(c.tau_schedule)
-        self.dtype = resolve_dtype(c.dtype)
-        spec = spectrum if spectrum is not None else data_spectrum(data, device="cpu", cache=c.cache)
-        self.spectrum = spec.to("cpu")
-        self._num_data = len(data)
-        self.train_set = TrainingSet(_subset(data, c.max_train, c.seed, self.name), device=self.device,
-                                     dtype=self.dtype, chunk=c.chunk)
-        self._stencils: dict[int, Stencil] = {}
-        self._families: dict[int, list[list[Family]]] = {}
-        self._banks: OrderedDict[int, list[list[_Bank]]] = OrderedDict()  # per t, channel, family
+
+    def training_data(self, data):
+        return seeded_subset(data, self.config.max_train, self.config.seed, self.name)
 
     def settings(self) -> dict:
         out = super().settings()
-        out.update(train_images=len(self.train_set), exact=len(self.train_set) == self._num_data,
+        out.update(train_images=len(self.train_set), exact=len(self.train_set) == self.num_data,
                    tau_schedule_params=self.tau_schedule.to_dict() if self.tau_schedule is not None else None)
         return out
 
@@ -225,7 +227,7 @@ class MaskedEquivariantDenoiser(Denoiser):
             for s0 in range(0, y.shape[0], step):
                 yield y[s0:s0 + step, gather].reshape(-1, gather.shape[1]) * scale
 
-    def _bank(self, fam: Family, rows: torch.Tensor, dedup: bool) -> _Bank:
+    def _bank(self, fam: Family, rows: torch.Tensor, dedup: bool) -> PatchBank:
         """Candidate patches ``rows`` [N, D] as a bank; ``dedup`` merges identical ones (exact, counted)."""
         if dedup:
             rows, counts = torch.unique(rows, dim=0, return_counts=True)
@@ -234,9 +236,9 @@ class MaskedEquivariantDenoiser(Denoiser):
             logn = rows.new_zeros(rows.shape[0])
         centre = rows[:, fam.centre] / fam.weights[fam.centre].to(rows).sqrt()
         vals = torch.stack([centre, rows.new_ones(rows.shape[0])])  # [2, N]
-        return _Bank(rows.t().contiguous(), (rows * rows).sum(1), logn, vals.contiguous())
+        return PatchBank(rows.t().contiguous(), (rows * rows).sum(1), logn, vals.contiguous())
 
-    def banks(self, t: int, c: int, f: int) -> Iterator[_Bank]:
+    def banks(self, t: int, c: int, f: int) -> Iterator[PatchBank]:
         """The candidate banks of family f of output channel c at timestep t. When every family of t fits
         in ``bank_mb`` (before merging identical patches), they are built once, merged and kept (the
         oldest timesteps make room); otherwise they are streamed from the training set in blocks."""
@@ -273,7 +275,7 @@ class MaskedEquivariantDenoiser(Denoiser):
                 st = None
                 for bank in self.banks(t, c, f):
                     if grad:
-                        bank = _Bank(*(v.to(torch.float64) for v in (bank.pt, bank.sq, bank.logn, bank.vals)))
+                        bank = PatchBank(*(v.to(torch.float64) for v in (bank.pt, bank.sq, bank.logn, bank.vals)))
                     st = merge(st, bank_softmax(q, bank, a, b2T, self.config.block))
                 means.append((st.acc[:, 0] / st.s).view(B, -1))  # [B, P]
                 pixels.append(c * HW + fam.positions)
@@ -306,7 +308,7 @@ class MaskedEquivariantDenoiser(Denoiser):
             q = x[:, fam.gather[pi].to(self.device)] * scale  # [B, D]
             state = None
             for bank in self.banks(t, c, fi):
-                state = merge(state, _patch_moments(q, bank, a, b2T))
+                state = merge(state, patch_moments(q, bank, a, b2T))
             D = q.shape[1]
             mean = state.mean()  # E[p], E[v p], E[v]
             cov = mean[:, D:2 * D] - mean[:, 2 * D:] * mean[:, :D]  # [B, D]: Cov_w(centre, scaled patch value)
@@ -314,11 +316,11 @@ class MaskedEquivariantDenoiser(Denoiser):
         return rows
 
 
-def bank_softmax(q: torch.Tensor, bank: _Bank, a: float, b2T: float, block: int) -> SoftmaxState:
+def bank_softmax(q: torch.Tensor, bank: PatchBank, a: float, b2T: float, block: int) -> SoftmaxState:
     """Softmax state (m, s [Q], acc [Q, 1]) of queries ``q`` [Q, D] against every candidate of ``bank``:
     log-weight ``log n_p + (a <q, p> - a^2 ||p||^2 / 2) / b2T``, the centre value averaged.
 
-    As :func:`.local_score.bank_state`, but weights below ``e^-80`` of their block's maximum are set to 0
+    As :func:`..patches.bank.bank_state`, but weights below ``e^-80`` of their block's maximum are set to 0
     before the exponential: they change the result by less than ``N e^-80`` relative, and in float32 they
     would be subnormal numbers, which slow the products down a hundredfold (at t = 100 on MNIST)."""
     Q = q.shape[0]
@@ -340,13 +342,13 @@ def bank_softmax(q: torch.Tensor, bank: _Bank, a: float, b2T: float, block: int)
             torch.nn.functional.threshold_(logits, NEGLIGIBLE, -math.inf)
             e = logits.exp_()
         else:
-            e = shifted_exp(logits, m)
+            e = SoftmaxState.shifted_exp(logits, m)
         r = e @ bank.vals[:, s0:s0 + n].t()  # [Q, 2]: weighted centre values and the weight sum
         state = merge(state, SoftmaxState(m[:, 0], r[:, 1], r[:, :1]))
     return state
 
 
-def _patch_moments(q: torch.Tensor, bank: _Bank, a: float, b2T: float) -> SoftmaxState:
+def patch_moments(q: torch.Tensor, bank: PatchBank, a: float, b2T: float) -> SoftmaxState:
     """Softmax state of ``[p, v p, v]`` [B, 2D + 1] (p the scaled patch, v the centre value) over the bank's
     candidates, weighted by ``log n + (a <q, p> - a^2 ||p||^2 / 2) / b2T`` (float64, streamed)."""
     pt = bank.pt.to(torch.float64)  # [D, N]
@@ -365,4 +367,4 @@ def _patch_moments(q: torch.Tensor, bank: _Bank, a: float, b2T: float) -> Softma
 
 
 __all__ = ["MaskedEquivariantConfig", "MaskedEquivariantDenoiser", "averaged_gain", "stencil_of", "families_of",
-           "Stencil", "Family"]
+           "Stencil", "Family", "bank_softmax", "patch_moments"]

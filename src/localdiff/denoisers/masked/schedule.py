@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
-from .schedule_files import nearest_listed, read_schedule_doc
+from ...errors import ConfigError
+from ..schedule_files import nearest_listed, read_schedule_doc
 
 SCHEDULE_FORMAT = "localdiff.masked-schedule"
 

@@ -102,7 +102,7 @@ def queries(data, t, num=3, seed=1):
 
 def force_q_mode(den, t, mode, batch=3):
     """Make the next call at t compute Q by ``mode`` (the cached plan is the one the call uses)."""
-    den._plans[(t, batch)] = dataclasses.replace(den.plan(t, batch), q_mode=mode)
+    den._plans[(S.at(t).key, batch)] = dataclasses.replace(den.plan(t, batch), q_mode=mode)
 
 
 def at(den, x, t):
@@ -145,14 +145,14 @@ def test_every_way_of_computing_q_is_exact(smooth, mode, tmp_cache):
         den = make_denoiser("masked", smooth, device="cpu", tau=0.05, chunk=9, dtype="float64")
         force_q_mode(den, t, mode)
         np.testing.assert_allclose(at(den, x, t), ref, atol=1e-9, err_msg=f"t={t}")
-        q = den._q[t].numpy()  # the cached Q itself, [n, K]
+        q = den._q[S.at(t).key].numpy()  # the cached Q itself, [n, K]
         np.testing.assert_allclose(q, masks.T.astype(np.float64) @ (y * y).T, atol=1e-10)
         # with no room to keep Q, each worker computes it into its own buffer, block by block
         bare = make_denoiser("masked", smooth, device="cpu", tau=0.05, chunk=9, dtype="float64", cache_mb=0,
                              threads=2)
         force_q_mode(bare, t, mode)
         np.testing.assert_allclose(at(bare, x, t), ref, atol=1e-9, err_msg=f"t={t}, Q not kept")
-        assert t not in bare._q
+        assert S.at(t).key not in bare._q
 
 
 def test_row_runs_sum_the_mask_through_cumulative_sums():
@@ -388,7 +388,7 @@ def test_query_independent_term_is_cached_and_bounded(smooth, tmp_cache):
     x = queries(smooth, t)
     den = make_denoiser("masked", smooth, device="cpu", tau=0.05, chunk=16)
     first = at(den, x, t)
-    assert t in den._q
+    assert S.at(t).key in den._q
     np.testing.assert_array_equal(at(den, x, t), first)
     np.testing.assert_allclose(at(den, queries(smooth, t, seed=5), t),
                                at(make_denoiser("masked", smooth, device="cpu", tau=0.05, chunk=16),

@@ -22,7 +22,8 @@ import torch
 
 from .denoisers import REGISTRY, make_denoiser
 from .denoisers.masked.schedule import SCHEDULE_FORMAT, check_tau, check_temperature
-from .diffusion import DEFAULT_SCHEDULE, Schedule, timesteps_for
+from .diffusion import timesteps_for
+from .schedules import DEFAULT_SCHEDULE, Schedule
 from .errors import ConfigError
 from .evaluate import noisy_draws
 

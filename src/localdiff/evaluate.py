@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from .diffusion import DEFAULT_SCHEDULE, Schedule
+from .schedules import DEFAULT_SCHEDULE, Schedule
 from .distributed import tqdm
 from .errors import ConfigError
 

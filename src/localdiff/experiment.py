@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .diffusion import DEFAULT_SCHEDULE
+from .schedules import DEFAULT_SCHEDULE
 from .errors import ConfigError
 from .sensitivity import Fields, cosine, energy_radius, parse_pixels, sensitivity_fields
 

@@ -22,13 +22,13 @@ def check_finite_input(name: str, x_t: torch.Tensor) -> None:
                           "denoisers need finite inputs: check what produced x_t, or drop those images")
 
 
-def check_finite_output(name: str, out: torch.Tensor, x_t: torch.Tensor, t: int) -> None:
-    """NumericsError when a model returned NaN or Inf for the finite ``x_t``."""
+def check_finite_output(name: str, out: torch.Tensor, x_t: torch.Tensor, where: str) -> None:
+    """NumericsError when a model returned NaN or Inf for the finite ``x_t`` at the level ``where`` (``t=500``)."""
     bad = ~torch.isfinite(out.detach())
     if bool(bad.any()):
         peak = float(x_t.detach().abs().max())
         raise NumericsError(
-            f"{name}: the model returned {int(bad.sum())} NaN or Inf values at t={t} for a finite x_t (largest "
+            f"{name}: the model returned {int(bad.sum())} NaN or Inf values at {where} for a finite x_t (largest "
             f"|x_t| = {peak:.3g}); "
             + ("x_t is far outside the scale of the forward process (|x_t| of a few units), so the model's "
                "arithmetic overflowed: rescale x_t" if peak > 1e4 else

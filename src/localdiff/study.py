@@ -24,7 +24,8 @@ import torch
 from .data.shards import total_images
 from .denoisers import REGISTRY, Capabilities, available_models, make_denoiser
 from .device import resolve_device
-from .diffusion import DEFAULT_SCHEDULE, Trajectory, initial_noise, sample, timesteps_for
+from .diffusion import Trajectory, initial_noise, sample, timesteps_for
+from .schedules import DEFAULT_SCHEDULE
 from .distributed import tqdm
 from .errors import ConfigError
 from .metrics import (

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .denoisers.wiener import wiener_gain
-from .diffusion import DEFAULT_SCHEDULE, Schedule
+from .schedules import DEFAULT_SCHEDULE, Schedule
 from .stats import Spectrum
 
 

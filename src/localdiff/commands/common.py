@@ -99,7 +99,7 @@ def float_list(text: str, what: str) -> list[float]:
 def timestep_list(text: str, what: str) -> list[int]:
     """``"900,500,100"`` -> ``[900, 500, 100]``, each t checked by the one timestep rule
     (``Schedule.check_t``), with an error naming the flag ``what``."""
-    from ..diffusion import DEFAULT_SCHEDULE
+    from ..schedules import DEFAULT_SCHEDULE
 
     out = []
     for t in int_list(text, what):

@@ -5,14 +5,14 @@ from __future__ import annotations
 import warnings
 
 from ..data.shards import shard_of
-from ..diffusion import DEFAULT_SCHEDULE, Schedule
+from ..schedules import DEFAULT_SCHEDULE, NoiseSchedule
 from ..errors import ConfigError
 from .base import Capabilities, Denoiser, DenoiserConfig
 from .options import parse_options
 from .registry import MODELS, REGISTRY, RENAMED, register_model
 
 
-def make_denoiser(name: str, data=None, *, schedule: Schedule = DEFAULT_SCHEDULE, spectrum=None,
+def make_denoiser(name: str, data=None, *, schedule: NoiseSchedule = DEFAULT_SCHEDULE, spectrum=None,
                   **options) -> Denoiser:
     """Build the denoiser ``name`` fitted on ``data``; ``options`` are its Config fields (strings allowed).
 
@@ -29,7 +29,7 @@ def make_denoiser(name: str, data=None, *, schedule: Schedule = DEFAULT_SCHEDULE
         name = RENAMED[name]
     if name not in REGISTRY:
         raise ConfigError(f"unknown model '{name}'; available models: {', '.join(sorted(REGISTRY))}")
-    if not isinstance(schedule, Schedule):
+    if not isinstance(schedule, NoiseSchedule):
         raise ConfigError(f"schedule must be a localdiff Schedule (the noise schedule), got {type(schedule).__name__}; "
                           "a patch-size schedule file is the option patch_schedule")
     cls = REGISTRY[name]

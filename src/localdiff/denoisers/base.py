@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..device import resolve_device
-from ..diffusion import DEFAULT_SCHEDULE, Schedule
+from ..schedules import DEFAULT_SCHEDULE, NoiseLevel, NoiseSchedule
 from ..errors import ConfigError
 from ..finite import check_finite_input, check_finite_output
 from .options import check_config
@@ -27,15 +27,20 @@ class Capabilities:
 
     closed_form_jacobian: bool = False  # jacobian_rows(x_t, t, index) returns exact rows d x0_hat[index] / d x_t
     constant_jacobian: bool = False  # the Jacobian does not depend on x_t (an affine map): one evaluation per t
-    fitted_timesteps: tuple[int, ...] | None = None  # the only timesteps it accepts (None: every t in [0, T))
+    fitted_timesteps: tuple[int, ...] | None = None  # the only timesteps (of its schedule) it accepts, and
+    # the levels at their sigmas (None: every level)
     batch_independent: bool = True  # each output depends on its own input only (batches may be split/replicated)
     piecewise_constant: bool = False  # x0_hat is piecewise constant in x_t: the Jacobian is zero almost everywhere
     slow_autograd: bool = False  # autograd through it over a full-size training set takes minutes per t on a CPU
     trained: bool = False  # fitted by optimisation (a network, SGD), not computed in closed form from the data
     single_image_exact: bool = False  # fitted on one image, it returns that image for every x_t and t
 
-    def accepts(self, t: int) -> bool:
-        return self.fitted_timesteps is None or int(t) in self.fitted_timesteps
+    def accepts(self, t) -> bool:
+        """Whether a timestep (or a level carrying one) is among the fitted ones."""
+        if self.fitted_timesteps is None:
+            return True
+        t = t.t if isinstance(t, NoiseLevel) else t
+        return t is not None and int(t) in self.fitted_timesteps
 
 
 @dataclass
@@ -63,7 +68,7 @@ class Denoiser:
     uses_statistics: ClassVar[bool] = False
     merges_shards: ClassVar[bool] = False
 
-    def __init__(self, shape: tuple[int, int, int], config: Any, schedule: Schedule | None = None):
+    def __init__(self, shape: tuple[int, int, int], config: Any, schedule: NoiseSchedule | None = None):
         self.shape = tuple(int(s) for s in shape)
         self.config = check_config(config, model=self.name)
         self.schedule = schedule if schedule is not None else DEFAULT_SCHEDULE
@@ -75,7 +80,9 @@ class Denoiser:
         return c * h * w
 
     def __call__(self, x_t: torch.Tensor, t) -> torch.Tensor:
-        t = self.schedule.check_t(t)
+        """``x0_hat`` [B, C, H, W] (in ``x_t``'s dtype and device) at the noise level ``t``: a timestep of
+        this model's schedule or a :class:`~localdiff.schedules.NoiseLevel` (validated here, once)."""
+        level = self.schedule.at(t)
         if not isinstance(x_t, torch.Tensor):
             raise ConfigError(f"x_t must be a torch.Tensor of shape [B, {', '.join(map(str, self.shape))}]")
         if x_t.ndim != 4 or tuple(x_t.shape[1:]) != self.shape:
@@ -85,17 +92,31 @@ class Denoiser:
         if not x_t.is_floating_point():
             raise ConfigError(f"{self.name}: x_t must be a floating-point tensor, got {x_t.dtype}")
         check_finite_input(self.name, x_t)
-        out = self.denoise(x_t.to(self.device), t)
-        check_finite_output(self.name, out, x_t, t)
+        out = self.denoise(x_t.to(self.device), level)
+        check_finite_output(self.name, out, x_t, level.label)
         return out.to(dtype=x_t.dtype, device=x_t.device)
 
-    def denoise(self, x_t: torch.Tensor, t: int) -> torch.Tensor:  # pragma: no cover - interface
+    def denoise(self, x_t: torch.Tensor, level: NoiseLevel) -> torch.Tensor:  # pragma: no cover - interface
+        """``x0_hat`` for a validated ``x_t`` (on ``self.device``) at a validated ``level``."""
         raise NotImplementedError
 
-    def jacobian_rows(self, x_t: torch.Tensor, t: int, index: torch.Tensor) -> torch.Tensor:
-        """Rows ``index`` [Q] of ``d x0_hat / d x_t`` at each input ``x_t`` [B, C, H, W]: [B, Q, n] float64.
-        Implemented by the models whose ``capabilities.closed_form_jacobian`` is true."""
+    def jacobian_rows(self, x_t: torch.Tensor, t, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` [Q] of ``d x0_hat / d x_t`` at each input ``x_t`` [B, C, H, W]: [B, Q, n] float64, at
+        the level ``t`` (a timestep or a NoiseLevel). Implemented by the models whose
+        ``capabilities.closed_form_jacobian`` is true."""
         raise ConfigError(f"model '{self.name}' has no closed-form Jacobian; use autograd")
+
+    # -- the levels it can be evaluated at (samplers read these; docs/DESIGN.md §10) --------------------
+    discrete_levels: ClassVar[bool] = False  # trained at discrete levels only (a network on integer timesteps)
+
+    def snap_sigma(self, sigma: float) -> float:
+        """The sigma of the level nearest to ``sigma`` at which this model can be evaluated (the identity
+        unless ``discrete_levels``)."""
+        return sigma
+
+    def sigma_range(self) -> tuple[float, float] | None:
+        """The range of sigma the model was trained on (None: any)."""
+        return None
 
     @classmethod
     def takes_shards(cls) -> bool:

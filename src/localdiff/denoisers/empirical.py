@@ -17,6 +17,7 @@ import torch
 
 from ..distributed import gather
 from ..errors import ConfigError
+from ..schedules import NoiseLevel
 from .base import Capabilities
 from .stream import SoftmaxState, StreamedDenoiser, StreamOptions
 
@@ -51,8 +52,8 @@ class OptimalDenoiser(StreamedDenoiser):
         if self.config.top_k is not None and self.config.top_k < 1:
             raise ConfigError(f"top_k must be a positive integer or None, got {self.config.top_k}")
 
-    def denoise(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        a, b2 = self.schedule.a(t), self.schedule.b2(t)
+    def denoise(self, x_t: torch.Tensor, level: NoiseLevel) -> torch.Tensor:
+        a, b2 = level.a, level.b2
         x = self.rank_input(x_t.reshape(x_t.shape[0], -1).to(self.dtype))  # [B, n]
         if self.config.top_k is not None:
             return self._top_k(x, a, b2).reshape(x_t.shape)
@@ -68,8 +69,8 @@ class OptimalDenoiser(StreamedDenoiser):
         """
         if self.config.top_k is not None:
             raise ConfigError("optimal: the closed-form Jacobian is the exact model's; top_k needs autograd")
-        t = self.schedule.check_t(t)
-        a, b2 = self.schedule.a(t), self.schedule.b2(t)
+        level = self.schedule.at(t)
+        a, b2 = level.a, level.b2
         x = x_t.reshape(x_t.shape[0], -1).to(device=self.device, dtype=self.dtype)
         index = torch.as_tensor(index, device=self.device).reshape(-1)
         # [B, 1, k] logits: one softmax per query, shared by every requested row
@@ -106,14 +107,14 @@ class NearestDenoiser(StreamedDenoiser):
     capabilities = Capabilities(piecewise_constant=True, single_image_exact=True)
     merges_shards = True
 
-    def nearest_index(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        """Index [B] of the training image with the largest weight at timestep t."""
-        return self._nearest(x_t, t)[0]
+    def nearest_index(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        """Index [B] of the training image with the largest weight at the level ``t``."""
+        return self._nearest(x_t, self.schedule.at(t))[0]
 
-    def _nearest(self, x_t: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _nearest(self, x_t: torch.Tensor, level: NoiseLevel) -> tuple[torch.Tensor, torch.Tensor]:
         """The winners' indices [B] and images [B, n]: the first largest weight over the whole set (over
         the ranks' winners in rank order, i.e. in index order, in a torchrun job)."""
-        a, b2 = self.schedule.a(t), self.schedule.b2(t)
+        a, b2 = level.a, level.b2
         x = x_t.reshape(x_t.shape[0], -1).to(device=self.device, dtype=self.dtype)
         best = best_idx = None
         for start, y, y_sq in self.train_set:
@@ -135,5 +136,5 @@ class NearestDenoiser(StreamedDenoiser):
                 rows = torch.where(better[:, None], y, rows)
         return best_idx, rows
 
-    def denoise(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        return self._nearest(x_t, t)[1].reshape(x_t.shape)
+    def denoise(self, x_t: torch.Tensor, level: NoiseLevel) -> torch.Tensor:
+        return self._nearest(x_t, level)[1].reshape(x_t.shape)

@@ -49,6 +49,7 @@ import torch
 from ..diffusion import timesteps_for
 from ..distributed import tqdm
 from ..errors import ConfigError
+from ..schedules import NoiseLevel
 from ..stats import Spectrum, data_spectrum
 from ..device import resolve_dtype
 from .base import Capabilities, Denoiser, DenoiserConfig
@@ -138,6 +139,9 @@ class TrainedLinearDenoiser(Denoiser):
             raise ConfigError(f"model 'linear': need lr > 0 and 0 <= average_from <= 1, got lr={config.lr}, "
                               f"average_from={config.average_from}")
         self.dtype = resolve_dtype(config.dtype)
+        if not self.schedule.discrete:
+            raise ConfigError("model 'linear' is fitted at the timesteps of a discrete (DDPM) schedule; build it on "
+                              "one and evaluate it at any family's level of the same sigma")
         self.timesteps = parse_timesteps(config.timesteps, self.schedule)
         self.config = dataclasses.replace(config, timesteps=self.timesteps)  # record what was fitted
         self.capabilities = dataclasses.replace(self.capabilities, fitted_timesteps=self.timesteps)
@@ -260,33 +264,41 @@ class TrainedLinearDenoiser(Denoiser):
         return A, c, hist
 
     # -- the denoiser ------------------------------------------------------------------------------
-    def _check_fitted(self, t: int) -> int:
-        t = self.schedule.check_t(t)
-        if t not in self.A:
+    def _fitted(self, t) -> tuple[int, float]:
+        """The fitted timestep at the level ``t`` (a timestep, or a NoiseLevel at the same sigma as a fitted
+        one, of any family) and the input scale ``a_t / a`` that brings ``x_t`` to the fitted level."""
+        level = self.schedule.at(t)
+        ts = self.schedule.timestep_of(level)
+        if ts is None or ts not in self.A:
             fitted = sorted(self.A, reverse=True)
+            at = f"t={ts}" if ts is not None else level.label
+            add = f" (option timesteps={','.join(map(str, fitted + [ts]))})" if ts is not None else ""
             raise ConfigError(f"model 'linear' was fitted at timesteps {', '.join(map(str, fitted))} only, not at "
-                              f"t={t}; fit it there too (option timesteps={','.join(map(str, fitted + [t]))}) or "
-                              "evaluate it only at the fitted timesteps (the default fits the 10 DDIM steps 900..0)")
-        return t
+                              f"{at}; fit it there too{add} or evaluate it only at the fitted timesteps (the default "
+                              "fits the 10 DDIM steps 900..0)")
+        return ts, self.schedule.at(ts).a / level.a
 
-    def denoise(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        t = self._check_fitted(t)
+    def denoise(self, x_t: torch.Tensor, level: NoiseLevel) -> torch.Tensor:
+        t, scale = self._fitted(level)
         x = x_t.reshape(x_t.shape[0], -1).to(torch.float64)  # [B, n]
+        if scale != 1.0:  # a level of another family at the fitted sigma: x_t / a is what the map reads
+            x = x * scale
         return torch.addmm(self.c[t], x, self.A[t].T).reshape(x_t.shape)  # A_t x_t + c_t
 
-    def jacobian_rows(self, x_t: torch.Tensor, t: int, index: torch.Tensor) -> torch.Tensor:
+    def jacobian_rows(self, x_t: torch.Tensor, t, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` of the (input-independent) Jacobian ``A_t``, repeated for each input: [B, Q, n]."""
-        t = self._check_fitted(t)
+        t, scale = self._fitted(t)
         index = torch.as_tensor(index, device=self.A[t].device).reshape(-1)
-        return self.A[t][index].unsqueeze(0).expand(x_t.shape[0], -1, -1)
+        return (scale * self.A[t][index] if scale != 1.0 else self.A[t][index]).unsqueeze(0).expand(x_t.shape[0], -1, -1)
 
-    def jacobian(self, t: int) -> torch.Tensor:
+    def jacobian(self, t) -> torch.Tensor:
         """``A_t`` [n, n] (float64)."""
-        return self.A[self._check_fitted(t)]
+        ts, scale = self._fitted(t)
+        return self.A[ts] if scale == 1.0 else scale * self.A[ts]
 
-    def offset(self, t: int) -> torch.Tensor:
+    def offset(self, t) -> torch.Tensor:
         """``c_t`` [n] (float64)."""
-        return self.c[self._check_fitted(t)]
+        return self.c[self._fitted(t)[0]]
 
     def settings(self) -> dict:
         out = super().settings()

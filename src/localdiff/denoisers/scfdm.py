@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 
 from ..errors import ConfigError
+from ..schedules import NoiseLevel
 from .base import Capabilities, Denoiser
 from .empirical import OptimalConfig, OptimalDenoiser, optimal_logits
 from .stream import SoftmaxState, StreamOptions
@@ -73,19 +74,19 @@ class SmoothedClosedFormDenoiser(Denoiser):
         gen = torch.Generator().manual_seed(int(self.config.seed))
         return torch.randn((self.config.num_samples, *self.shape), generator=gen, dtype=torch.float64)
 
-    def denoise(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        a, b2 = self.schedule.a(t), self.schedule.b2(t)
+    def denoise(self, x_t: torch.Tensor, level: NoiseLevel) -> torch.Tensor:
+        a, b2 = level.a, level.b2
         x = x_t.to(self.dtype)
         sigma = float(self.config.sigma)
         if sigma == 0.0:
-            return self.optimal.denoise(x, t)
+            return self.optimal.denoise(x, level)
         if self.config.smoothing == "data":
             return self._data_smoothed(x, a, b2, sigma)
         eps = self.perturbations().to(device=x.device, dtype=x.dtype)  # [M, C, H, W]
         scale = sigma * (a + math.sqrt(b2))  # sigma in z coordinates -> x_t coordinates
         B, M = x.shape[0], eps.shape[0]
         xs = (x.unsqueeze(0) + scale * eps.unsqueeze(1)).reshape(M * B, *self.shape)  # [M*B, C, H, W]
-        return self.optimal.denoise(xs, t).view(M, B, *self.shape).mean(0)
+        return self.optimal.denoise(xs, level).view(M, B, *self.shape).mean(0)
 
     def _data_smoothed(self, x, a, b2, sigma):
         v = a * a * sigma * sigma + b2  # variance of x_t given the component k

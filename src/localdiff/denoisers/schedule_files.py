@@ -1,16 +1,28 @@
-"""What the per-timestep schedule files share (patch sizes: :mod:`.patches`; mask threshold and
-temperature: :mod:`.masked_schedule`): reading the JSON and the nearest-timestep rule."""
+"""What the per-timestep schedule files share (patch sizes: :mod:`.patches.common`; mask threshold and
+temperature: :mod:`.masked.schedule`): reading the JSON and the nearest-level rule.
+
+The files list timesteps of the default DDPM schedule (``ddpm-linear``, on which they are calibrated).
+A level of that schedule uses the nearest listed timestep; a level of any other family the listed one
+nearest in log sigma."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..schedules import DEFAULT_SCHEDULE, NoiseLevel
 
 
-def nearest_listed(listed, t: int) -> int:
-    """The listed timestep nearest to ``t``; ties go to the larger, noisier one."""
+def nearest_listed(listed, t) -> int:
+    """The listed timestep nearest to ``t`` (an int of the default schedule, or a NoiseLevel); ties go to the
+    larger, noisier one."""
+    if isinstance(t, NoiseLevel):
+        if t.t is None or t.schedule != DEFAULT_SCHEDULE.name:  # another family: nearest in log sigma
+            log_sigma = math.log(t.sigma)
+            return min(listed, key=lambda s: (abs(math.log(float(DEFAULT_SCHEDULE.sigmas[s])) - log_sigma), -s))
+        t = t.t
     return min(listed, key=lambda s: (abs(s - t), -s))
 
 

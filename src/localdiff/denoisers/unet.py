@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from ..diffusion import Schedule
+from ..schedules import NoiseLevel, Schedule
 from ..errors import ConfigError
 from ..device import resolve_dtype
 from .base import Capabilities, Denoiser, DenoiserConfig
@@ -241,21 +241,49 @@ class UNetDenoiser(Denoiser):
         self.model, self.info = load_unet(info, dtype=self.dtype, device=self.device)
         self.prediction_type = prediction_type(info)
 
+    discrete_levels = True
+
+    def snap_sigma(self, sigma: float) -> float:
+        """The sigma of the network's trained timestep nearest to ``sigma`` in log sigma."""
+        return float(self.schedule.sigmas[self.schedule.nearest_timestep(sigma)])
+
+    def sigma_range(self) -> tuple[float, float]:
+        return self.schedule.sigma_min, self.schedule.sigma_max
+
+    def timestep(self, t) -> tuple[int, float]:
+        """The network's timestep at the level ``t`` (a timestep of its schedule, or a NoiseLevel of any family
+        at the sigma of one of its trained levels) and the scale ``a_t / a`` that brings ``x_t`` to it."""
+        level = self.schedule.at(t)
+        ts = self.schedule.timestep_of(level)
+        if ts is None:
+            near = self.schedule.nearest_timestep(level.sigma)
+            raise ConfigError(f"unet: the network was trained at the {self.schedule.num_train_timesteps} discrete levels "
+                              f"of its {self.schedule.name} schedule; {level.label} is none of them (nearest: t={near}, "
+                              f"sigma={float(self.schedule.sigmas[near]):.6g}); sample with --sampler euler or heun, "
+                              "whose grid is snapped to the network's levels")
+        return ts, self.schedule.at(ts).a / level.a
+
     def output(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        """The network's raw output (eps, v or x0 by ``prediction_type``) [B, C, H, W], in its dtype."""
+        """The network's raw output (eps, v or x0 by ``prediction_type``) [B, C, H, W], in its dtype, at its
+        integer timestep ``t``."""
         ts = torch.full((x_t.shape[0],), int(t), dtype=torch.long, device=x_t.device)
         return self.model(x_t.to(self.dtype), ts, return_dict=False)[0]
 
-    def eps(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        """The network's noise prediction ``eps_hat`` [B, C, H, W] (``eps = a v + sqrt(b2) x_t`` for a v-net)."""
-        if self.prediction_type == "epsilon":
-            return self.output(x_t, t)
+    def eps(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        """The network's noise prediction ``eps_hat`` [B, C, H, W] at the level ``t`` (``eps = a v + sqrt(b2) x_t``
+        for a v-net)."""
+        level = self.schedule.at(t)
+        ts, scale = self.timestep(level)
+        if self.prediction_type == "epsilon" and scale == 1.0:
+            return self.output(x_t, ts)
         out = torch.float64 if x_t.dtype == torch.float64 else torch.float32
-        return self.schedule.eps_from_x0(x_t.to(out), self.denoise(x_t, t), t)
+        return self.schedule.eps_from_x0(x_t.to(out), self.denoise(x_t, level), level)
 
-    def denoise(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+    def denoise(self, x_t: torch.Tensor, level: NoiseLevel) -> torch.Tensor:
+        t, scale = self.timestep(level)
         out = torch.float64 if x_t.dtype == torch.float64 else torch.float32
-        x, y = x_t.to(out), self.output(x_t, t).to(out)
+        x = x_t.to(out) if scale == 1.0 else x_t.to(out) * scale  # the network's own scaling of x_t
+        y = self.output(x, t).to(out)
         if self.prediction_type == "v_prediction":
             return self.schedule.x0_from_v(x, y, t)
         if self.prediction_type == "sample":

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..schedules import NoiseLevel
 from ..stats import Spectrum, data_spectrum
 from .base import Capabilities, Denoiser, DenoiserConfig
 
@@ -58,21 +59,20 @@ class WienerDenoiser(Denoiser):
         spec = spectrum if spectrum is not None else data_spectrum(data, device=self.device, cache=config.cache)
         self.spectrum = spec.to(self.device)
 
-    def denoise(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        a, b2 = self.schedule.a(t), self.schedule.b2(t)
+    def denoise(self, x_t: torch.Tensor, level: NoiseLevel) -> torch.Tensor:
         x = x_t.reshape(x_t.shape[0], -1).to(torch.float64)
-        return wiener_apply(self.spectrum, x, a, b2).reshape(x_t.shape)
+        return wiener_apply(self.spectrum, x, level.a, level.b2).reshape(x_t.shape)
 
     def jacobian_rows(self, x_t: torch.Tensor, t: int, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` of the (input-independent) Jacobian, repeated for each input: [B, Q, n]."""
-        t = self.schedule.check_t(t)
-        a, b2 = self.schedule.a(t), self.schedule.b2(t)
+        level = self.schedule.at(t)
+        a, b2 = level.a, level.b2
         U = self.spectrum.eigvecs
         index = torch.as_tensor(index, device=U.device).reshape(-1)
         rows = (U[index] * wiener_shrinkage(self.spectrum.eigvals, a, b2)) @ U.T  # [Q, n]
         return rows.unsqueeze(0).expand(x_t.shape[0], -1, -1)
 
-    def jacobian(self, t: int) -> torch.Tensor:
-        """The exact, input-independent Jacobian [n, n] at timestep t."""
-        t = self.schedule.check_t(t)
-        return wiener_jacobian(self.spectrum, self.schedule.a(t), self.schedule.b2(t))
+    def jacobian(self, t) -> torch.Tensor:
+        """The exact, input-independent Jacobian [n, n] at the level ``t`` (a timestep or a NoiseLevel)."""
+        level = self.schedule.at(t)
+        return wiener_jacobian(self.spectrum, level.a, level.b2)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from ..schedules import NoiseLevel
 from ..stats import Spectrum, data_spectrum
 from .base import Capabilities, DenoiserConfig
 from .stream import StreamConfig, StreamedDenoiser, TrainingSet
@@ -107,7 +108,7 @@ class WienerQuadraticDenoiser(StreamedDenoiser):
         self.M2, self.M3, self.M4 = data_moments(self.train_set, self.spectrum.mean, self.nbhd, c.pixel_block)
         k = c.k
         self.pairs = torch.tensor([p * k + q for p in range(k) for q in range(p, k)])  # (p, q), p <= q, flat
-        self._beta: dict[int, torch.Tensor] = {}
+        self._beta: dict[tuple, torch.Tensor] = {}  # per level (a, b2)
 
     def stream_options(self) -> StreamConfig:
         return StreamConfig(dtype=torch.float64, resident=False)  # moments in float64, streamed once per t
@@ -120,11 +121,11 @@ class WienerQuadraticDenoiser(StreamedDenoiser):
         return {**super().settings(), "neighbourhood": "k most correlated pixels (itself first)"}
 
     def coefficients(self, t) -> torch.Tensor:
-        """``beta`` [n, 1 + k + k(k+1)/2] at timestep t (cached): intercept, linear, quadratic terms (p <= q)."""
-        t = self.schedule.check_t(t)
-        if t in self._beta:
-            return self._beta[t]
-        a, b2 = self.schedule.a(t), self.schedule.b2(t)
+        """``beta`` [n, 1 + k + k(k+1)/2] at the level ``t`` (cached): intercept, linear, quadratic terms (p <= q)."""
+        level = self.schedule.at(t)
+        if level.key in self._beta:
+            return self._beta[level.key]
+        a, b2 = level.a, level.b2
         n, k = self.nbhd.shape
         J = wiener_jacobian(self.spectrum, a, b2)  # [n, n]
         mu = self.spectrum.mean
@@ -162,7 +163,7 @@ class WienerQuadraticDenoiser(StreamedDenoiser):
         diag = gram.diagonal(dim1=1, dim2=2)
         reg = self.config.ridge * diag.mean(1, keepdim=True).clamp(min=1e-30)
         beta = torch.linalg.solve(gram + torch.diag_embed(reg.expand(-1, F)), rhs.unsqueeze(-1)).squeeze(-1)
-        self._beta[t] = beta
+        self._beta[level.key] = beta
         return beta
 
     def _features(self, x: torch.Tensor, a: float) -> torch.Tensor:
@@ -171,10 +172,10 @@ class WienerQuadraticDenoiser(StreamedDenoiser):
         zz = (z[..., :, None] * z[..., None, :]).flatten(2)[..., self.pairs.to(x.device)]
         return torch.cat([torch.ones_like(z[..., :1]), z, zz], dim=2)
 
-    def denoise(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        a, b2 = self.schedule.a(t), self.schedule.b2(t)
+    def denoise(self, x_t: torch.Tensor, level: NoiseLevel) -> torch.Tensor:
+        a, b2 = level.a, level.b2
         x = x_t.reshape(x_t.shape[0], -1).to(torch.float64)
-        beta = self.coefficients(t).to(x.device)
+        beta = self.coefficients(level).to(x.device)
         spec = self.spectrum if x.device.type == "cpu" else self.spectrum.to(x.device)
         out = wiener_apply(spec, x, a, b2) + (self._features(x, a) * beta).sum(-1)
         return out.reshape(x_t.shape)
@@ -182,12 +183,12 @@ class WienerQuadraticDenoiser(StreamedDenoiser):
     def jacobian_rows(self, x_t: torch.Tensor, t: int, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` [Q] of ``d x0_hat / d x_t`` [B, Q, n]: Wiener's ``J_t`` plus, on ``N_i``,
         ``beta_p + sum_q (B + B^T)_pq z_q`` with B the quadratic coefficients on p <= q (0 below)."""
-        t = self.schedule.check_t(t)
-        a, b2 = self.schedule.a(t), self.schedule.b2(t)
+        level = self.schedule.at(t)
+        a, b2 = level.a, level.b2
         k = self.nbhd.shape[1]
         index = torch.as_tensor(index).reshape(-1).cpu()
         x = x_t.reshape(x_t.shape[0], -1).to("cpu", torch.float64)
-        beta = self.coefficients(t)[index]  # [Q, F]
+        beta = self.coefficients(level)[index]  # [Q, F]
         nb = self.nbhd[index]  # [Q, k]
         z = x[:, nb] - a * self.spectrum.mean[nb]  # [B, Q, k]
         quad = beta.new_zeros(len(index), k * k)

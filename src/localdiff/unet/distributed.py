@@ -37,7 +37,7 @@ class DistributedTrainer(UNetTrainer):
     def __init__(self, data, model_config, train_config=None, schedule=None):
         from torch.nn.parallel import DistributedDataParallel
 
-        from ..diffusion import DEFAULT_SCHEDULE
+        from ..schedules import DEFAULT_SCHEDULE
 
         w = world()
         if not w.active:

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..diffusion import DEFAULT_SCHEDULE, Schedule
+from ..schedules import DEFAULT_SCHEDULE, Schedule
 from ..errors import ConfigError, LocaldiffError
 from .checkpoints import (CheckpointError, find_checkpoint, join_optimizer_state, list_checkpoints, load_tensors,
                           read_checkpoint, remove_stale_partials, sha256_file, split_optimizer_state,

@@ -39,6 +39,7 @@ from typing import Iterator, Literal
 import torch
 
 from ...errors import ConfigError
+from ...schedules import NoiseLevel
 from ...stats import Spectrum, data_spectrum
 from ..base import Capabilities
 from ..patches.bank import PatchBank
@@ -169,9 +170,9 @@ class MaskedEquivariantDenoiser(StreamedDenoiser):
             self.tau_schedule = read_masked_schedule(c.tau_schedule)
         spec = spectrum if spectrum is not None else data_spectrum(data, device="cpu", cache=c.cache)
         self.spectrum = spec.to("cpu")
-        self._stencils: dict[int, Stencil] = {}
-        self._families: dict[int, list[list[Family]]] = {}
-        self._banks: OrderedDict[int, list[list[PatchBank]]] = OrderedDict()  # per t, channel, family
+        self._stencils: dict[tuple, Stencil] = {}  # per level (a, b2)
+        self._families: dict[tuple, list[list[Family]]] = {}
+        self._banks: OrderedDict[tuple, list[list[PatchBank]]] = OrderedDict()  # per level, channel, family
 
     def validate(self) -> None:
         c = self.config
@@ -194,29 +195,31 @@ class MaskedEquivariantDenoiser(StreamedDenoiser):
                    tau_schedule_params=self.tau_schedule.to_dict() if self.tau_schedule is not None else None)
         return out
 
-    def tau_at(self, t: int) -> float:
-        return self.tau_schedule.at(t)[0] if self.tau_schedule is not None else self.tau
+    def tau_at(self, t) -> float:
+        return self.tau_schedule.at(self.schedule.at(t))[0] if self.tau_schedule is not None else self.tau
 
-    def temperature_at(self, t: int) -> float:
-        return self.tau_schedule.at(t)[1] if self.tau_schedule is not None else self.config.temperature
+    def temperature_at(self, t) -> float:
+        return self.tau_schedule.at(self.schedule.at(t))[1] if self.tau_schedule is not None else \
+            self.config.temperature
 
     # -- stencils, families, banks ----------------------------------------------------------------
     def stencil(self, t) -> Stencil:
-        """The stencil of timestep t (cached)."""
-        t = self.schedule.check_t(t)
-        if t not in self._stencils:
-            G = wiener_gain(self.spectrum, self.schedule.a(t), self.schedule.b2(t)).to(torch.float64)
+        """The stencil at the level ``t`` (cached)."""
+        level = self.schedule.at(t)
+        if level.key not in self._stencils:
+            G = wiener_gain(self.spectrum, level.a, level.b2).to(torch.float64)
             s = averaged_gain(normalized_gain(G, self.config.normalize), self.shape)
-            self._stencils[t] = stencil_of(s, self.tau_at(t), float(self.config.gamma))
-        return self._stencils[t]
+            self._stencils[level.key] = stencil_of(s, self.tau_at(level), float(self.config.gamma))
+        return self._stencils[level.key]
 
     def families(self, t) -> list[list[Family]]:
-        """Per output channel, the border families of timestep t's stencil."""
-        t = self.schedule.check_t(t)
-        if t not in self._families:
-            st = self.stencil(t)
-            self._families[t] = [families_of(o, w, c, self.shape) for c, (o, w) in enumerate(zip(st.offsets, st.weights))]
-        return self._families[t]
+        """Per output channel, the border families of the stencil at the level ``t``."""
+        level = self.schedule.at(t)
+        if level.key not in self._families:
+            st = self.stencil(level)
+            self._families[level.key] = [families_of(o, w, c, self.shape)
+                                         for c, (o, w) in enumerate(zip(st.offsets, st.weights))]
+        return self._families[level.key]
 
     def _rows(self, fam: Family):
         """The family's patches of every training image, scaled by sqrt(W), in blocks of images [k*P, D]."""
@@ -238,42 +241,44 @@ class MaskedEquivariantDenoiser(StreamedDenoiser):
         vals = torch.stack([centre, rows.new_ones(rows.shape[0])])  # [2, N]
         return PatchBank(rows.t().contiguous(), (rows * rows).sum(1), logn, vals.contiguous())
 
-    def banks(self, t: int, c: int, f: int) -> Iterator[PatchBank]:
-        """The candidate banks of family f of output channel c at timestep t. When every family of t fits
-        in ``bank_mb`` (before merging identical patches), they are built once, merged and kept (the
-        oldest timesteps make room); otherwise they are streamed from the training set in blocks."""
-        if t not in self._banks:
-            fams = self.families(t)
+    def banks(self, t, c: int, f: int) -> Iterator[PatchBank]:
+        """The candidate banks of family f of output channel c at the level ``t``. When every family of the
+        level fits in ``bank_mb`` (before merging identical patches), they are built once, merged and kept
+        (the oldest levels make room); otherwise they are streamed from the training set in blocks."""
+        level = self.schedule.at(t)
+        key = level.key
+        if key not in self._banks:
+            fams = self.families(level)
             size = len(self.train_set) * sum(fm.gather.numel() for per_c in fams for fm in per_c) \
                 * self.dtype.itemsize
             budget = self.config.bank_mb << 20
             if size > budget:
-                for rows in self._rows(self.families(t)[c][f]):
-                    yield self._bank(self.families(t)[c][f], rows, dedup=False)
+                for rows in self._rows(fams[c][f]):
+                    yield self._bank(fams[c][f], rows, dedup=False)
                 return
             built = [[self._bank(fm, torch.cat(list(self._rows(fm))), dedup=True) for fm in per_c] for per_c in fams]
             used = sum(b.nbytes() for bs in built for b in bs)
             while self._banks and used + sum(b.nbytes() for v in self._banks.values() for bs in v for b in bs) > budget:
                 self._banks.popitem(last=False)
-            self._banks[t] = built
-        self._banks.move_to_end(t)
-        yield self._banks[t][c][f]
+            self._banks[key] = built
+        self._banks.move_to_end(key)
+        yield self._banks[key][c][f]
 
     # -- the denoiser -------------------------------------------------------------------------------
-    def denoise(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+    def denoise(self, x_t: torch.Tensor, level: NoiseLevel) -> torch.Tensor:
         B = x_t.shape[0]
         grad = torch.is_grad_enabled() and x_t.requires_grad
         dtype = torch.float64 if grad else self.dtype  # autograd: float64, as the masked model's plain path
         x = x_t.reshape(B, -1).to(dtype)
-        a, b2T = self.schedule.a(t), self.schedule.b2(t) * self.temperature_at(t)
+        a, b2T = level.a, level.b2 * self.temperature_at(level)
         HW = self.shape[1] * self.shape[2]
         pixels, means = [], []
-        for c, fams in enumerate(self.families(t)):
+        for c, fams in enumerate(self.families(level)):
             for f, fam in enumerate(fams):
                 scale = fam.weights.to(x.device, dtype).sqrt()
                 q = x[:, fam.gather.to(x.device)].reshape(-1, fam.gather.shape[1]) * scale  # [B*P, D]
                 st = None
-                for bank in self.banks(t, c, f):
+                for bank in self.banks(level, c, f):
                     if grad:
                         bank = PatchBank(*(v.to(torch.float64) for v in (bank.pt, bank.sq, bank.logn, bank.vals)))
                     st = merge(st, bank_softmax(q, bank, a, b2T, self.config.block))
@@ -289,25 +294,25 @@ class MaskedEquivariantDenoiser(StreamedDenoiser):
         """Rows ``index`` [Q] of ``d x0_hat / d x_t``, [B, Q, n] float64. For output pixel i with cut
         stencil D_i: ``d x0_hat_i / d x_t[c', p_i + d] = (a / (b2 T)) W_{c',d} Cov_w(y_k[c, j], y_k[c', j + d])``
         over the candidates (k, j) with their softmax weights (every other entry is 0)."""
-        t = self.schedule.check_t(t)
-        a, b2T = self.schedule.a(t), self.schedule.b2(t) * self.temperature_at(t)
+        level = self.schedule.at(t)
+        a, b2T = level.a, level.b2 * self.temperature_at(level)
         B = x_t.shape[0]
         x = x_t.reshape(B, -1).to(device=self.device, dtype=torch.float64)
         index = torch.as_tensor(index).reshape(-1).cpu()
         HW = self.shape[1] * self.shape[2]
         rows = torch.zeros(B, len(index), self.dim, dtype=torch.float64, device=self.device)
         where = {}
-        for c, fams in enumerate(self.families(t)):
+        for c, fams in enumerate(self.families(level)):
             for fi, fam in enumerate(fams):
                 for pi, p in enumerate(fam.positions.tolist()):
                     where[c * HW + p] = (c, fi, pi)
         for qi, i in enumerate(index.tolist()):
             c, fi, pi = where[int(i)]
-            fam = self.families(t)[c][fi]
+            fam = self.families(level)[c][fi]
             scale = fam.weights.to(self.device, torch.float64).sqrt()
             q = x[:, fam.gather[pi].to(self.device)] * scale  # [B, D]
             state = None
-            for bank in self.banks(t, c, fi):
+            for bank in self.banks(level, c, fi):
                 state = merge(state, patch_moments(q, bank, a, b2T))
             D = q.shape[1]
             mean = state.mean()  # E[p], E[v p], E[v]

@@ -37,6 +37,7 @@ import torch
 
 from ...data.shards import total_images
 from ...errors import ConfigError
+from ...schedules import NoiseLevel
 from ...stats import Spectrum, data_spectrum
 from ..base import Capabilities
 from ..stream import ColumnBlocks, SoftmaxState, StreamedDenoiser, StreamOptions, merge
@@ -109,9 +110,9 @@ class MaskedDenoiser(StreamedDenoiser):
         else:
             self.spectrum = spectrum.to(self.device) if spectrum is not None else None
         self._fixed_width = config.chunk is not None or config.chunk_average is not None or self.device.type != "cpu"
-        self._masks: OrderedDict[int, torch.Tensor] = OrderedDict()
-        self._plans: OrderedDict[tuple[int, int], MaskPlan] = OrderedDict()
-        self._q: dict[int, torch.Tensor] = {}  # Q [n, K] per timestep
+        self._masks: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # per level (a, b2)
+        self._plans: OrderedDict[tuple, MaskPlan] = OrderedDict()  # per level and batch size
+        self._q: dict[tuple, torch.Tensor] = {}  # Q [n, K] per level
 
     def training_set(self, data) -> ColumnBlocks:
         """The training images pixel-major, ``YT`` [n, K] (:class:`ColumnBlocks`), in blocks of ``chunk``
@@ -164,41 +165,44 @@ class MaskedDenoiser(StreamedDenoiser):
                    masks="given" if self._mask_override is not None else "wiener")
         return out
 
-    # -- per-timestep parameters ----------------------------------------------------------------
-    def tau_at(self, t: int) -> float:
-        """The mask threshold used at timestep t: from ``tau_schedule`` (nearest listed t) or ``tau``."""
-        return self.tau_schedule.at(t)[0] if self.tau_schedule is not None else self.tau
+    # -- per-level parameters -------------------------------------------------------------------
+    def tau_at(self, t) -> float:
+        """The mask threshold used at the level ``t``: from ``tau_schedule`` (nearest listed level) or ``tau``."""
+        return self.tau_schedule.at(self.schedule.at(t))[0] if self.tau_schedule is not None else self.tau
 
-    def temperature_at(self, t: int) -> float:
-        """The softmax temperature used at timestep t: from ``tau_schedule`` or ``temperature``."""
-        return self.tau_schedule.at(t)[1] if self.tau_schedule is not None else self.config.temperature
+    def temperature_at(self, t) -> float:
+        """The softmax temperature used at the level ``t``: from ``tau_schedule`` or ``temperature``."""
+        return self.tau_schedule.at(self.schedule.at(t))[1] if self.tau_schedule is not None else \
+            self.config.temperature
 
     # -- masks and plans ------------------------------------------------------------------------
     def masks(self, t) -> torch.Tensor:
-        """The masks at timestep t, bool [n, n] on the device; column i is S_i (cached)."""
-        t = self.schedule.check_t(t)
-        if t in self._masks:
-            self._masks.move_to_end(t)
-            return self._masks[t]
-        m = self._compute_masks(t)
-        self._masks[t] = m
+        """The masks at the level ``t`` (a timestep or a NoiseLevel), bool [n, n] on the device; column i is
+        S_i (cached per level)."""
+        level = self.schedule.at(t)
+        if level.key in self._masks:
+            self._masks.move_to_end(level.key)
+            return self._masks[level.key]
+        m = self._compute_masks(level)
+        self._masks[level.key] = m
         self._trim(self._masks, self._cache_bytes() // 4)
         return m
 
-    def _compute_masks(self, t: int) -> torch.Tensor:
+    def _compute_masks(self, level: NoiseLevel) -> torch.Tensor:
         """The masks at timestep t: the given ones, or the Wiener masks (warning when they degenerate)."""
         if self._mask_override is not None:
-            m = self._mask_override(t) if callable(self._mask_override) else self._mask_override
+            arg = level.t if level.t is not None else level  # a function of the timestep (or of the level)
+            m = self._mask_override(arg) if callable(self._mask_override) else self._mask_override
             m = torch.as_tensor(m).to(device=self.device, dtype=torch.bool)
             if m.shape != (self.dim, self.dim):
                 raise ConfigError(f"masks must have shape [{self.dim}, {self.dim}], got {tuple(m.shape)}")
             return m
-        a, b2, tau = self.schedule.a(t), self.schedule.b2(t), self.tau_at(t)
+        a, b2, tau = level.a, level.b2, self.tau_at(level)
         m = wiener_masks(self.spectrum, a, b2, tau, self.config.normalize)
         lost, varying = pixels_outside_own_mask(m, self.spectrum, a, b2)
         if lost:
             warnings.warn(
-                f"{self.name}: at t={t}, {lost} of {varying} varying pixels are missing from their own "
+                f"{self.name}: at {level.label}, {lost} of {varying} varying pixels are missing from their own "
                 f"mask (normalize='{self.config.normalize}', tau={tau}); a nearly constant pixel dominates "
                 "the threshold and the outputs collapse towards the mean image. Use normalize=sym (well "
                 "conditioned) or more training images.", RuntimeWarning, stacklevel=3)
@@ -209,13 +213,13 @@ class MaskedDenoiser(StreamedDenoiser):
         return float(self.masks(t).double().mean())
 
     def plan(self, t, batch: int = 8) -> MaskPlan:
-        """The tiling used at timestep t for ``batch`` queries (cached)."""
-        t = self.schedule.check_t(t)
-        key = (t, int(batch))
+        """The tiling used at the level ``t`` for ``batch`` queries (cached)."""
+        level = self.schedule.at(t)
+        key = (level.key, int(batch))
         if key in self._plans:
             self._plans.move_to_end(key)
             return self._plans[key]
-        p = self._make_plan(self.masks(t), int(batch))
+        p = self._make_plan(self.masks(level), int(batch))
         self._plans[key] = p
         self._trim(self._plans, self._cache_bytes() // 4)
         return p
@@ -255,17 +259,17 @@ class MaskedDenoiser(StreamedDenoiser):
         return used + per_t <= self._cache_bytes() * 3 // 4
 
     # -- the denoiser ---------------------------------------------------------------------------
-    def denoise(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+    def denoise(self, x_t: torch.Tensor, level: NoiseLevel) -> torch.Tensor:
         x = x_t.reshape(x_t.shape[0], -1)  # [B, n]
         if torch.is_grad_enabled() and x.requires_grad:
-            out = self._denoise_differentiable(x.to(torch.float64), t)
+            out = self._denoise_differentiable(x.to(torch.float64), level)
         else:
-            out = self._denoise_tiled(x.to(self.dtype), t)
+            out = self._denoise_tiled(x.to(self.dtype), level)
         return out.reshape(x_t.shape)
 
-    def _coefficients(self, t: int) -> tuple[float, float]:
+    def _coefficients(self, level: NoiseLevel) -> tuple[float, float]:
         """``alpha``, ``beta`` of the log2-unit logit ``alpha x.y - beta Q``."""
-        a, b2, T = self.schedule.a(t), self.schedule.b2(t), self.temperature_at(t)
+        a, b2, T = level.a, level.b2, self.temperature_at(level)
         return a * LOG2E / (b2 * T), a * a * LOG2E / (2.0 * b2 * T)
 
     def _workers(self) -> int:
@@ -276,7 +280,7 @@ class MaskedDenoiser(StreamedDenoiser):
         return max(1, int(self.config.threads or torch.get_num_threads()))
 
     @torch.no_grad()
-    def _denoise_tiled(self, x: torch.Tensor, t: int) -> torch.Tensor:
+    def _denoise_tiled(self, x: torch.Tensor, level: NoiseLevel) -> torch.Tensor:
         """The fast exact path: ``x`` [B, n] -> x0_hat [B, n] (float64).
 
         The training blocks are shared out among the worker threads (:func:`.masked_kernel.stream`);
@@ -287,9 +291,9 @@ class MaskedDenoiser(StreamedDenoiser):
         stream using both cores for every product).
         """
         B, n = x.shape
-        plan = self.plan(t, B)
-        alpha, beta = self._coefficients(t)
-        q_cached = self._q.get(t)
+        plan = self.plan(level, B)
+        alpha, beta = self._coefficients(level)
+        q_cached = self._q.get(level.key)
         store = q_cached is None and self._q_may_cache()
         workers = self._workers()
         # blocks as asked (chunk, chunk_average), else in a number the workers share evenly
@@ -303,7 +307,7 @@ class MaskedDenoiser(StreamedDenoiser):
         shares = [bounds[w::workers] for w in range(workers)]
         parts = run_workers(lambda share: stream(inputs, self.columns, share), shares)
         if store:
-            self._q[t] = inputs.q_store
+            self._q[level.key] = inputs.q_store
         part = self.merge_ranks(functools.reduce(Partial.merge, parts))  # every rank's images
         return part.finish(plan, B, self.columns.total)
 
@@ -322,11 +326,11 @@ class MaskedDenoiser(StreamedDenoiser):
         cols = max(B * len(tl.out) for tl in plan.tiles)
         return int(min(max(BLOCK_ELEMENTS / (rows + cols), 512), 8192))
 
-    def _denoise_differentiable(self, x: torch.Tensor, t: int) -> torch.Tensor:
+    def _denoise_differentiable(self, x: torch.Tensor, level: NoiseLevel) -> torch.Tensor:
         """The same model written plainly (``masked_logits``, autograd-friendly, float64), block by block
         [B, k, n]; used when ``x_t`` requires a gradient. Meant for small sets: autograd keeps every block."""
-        M = self.masks(t)
-        a, b2, T = self.schedule.a(t), self.schedule.b2(t), self.temperature_at(t)
+        M = self.masks(level)
+        a, b2, T = level.a, level.b2, self.temperature_at(level)
         x = self.rank_input(x)
         state = mean_sum = None
         blocks = 0
@@ -353,11 +357,11 @@ class MaskedDenoiser(StreamedDenoiser):
         """
         if self.config.chunk_average is not None:
             raise ConfigError("the closed-form Jacobian needs the exact softmax; drop chunk_average or use autograd")
-        t = self.schedule.check_t(t)
-        a, b2, T = self.schedule.a(t), self.schedule.b2(t), self.temperature_at(t)
+        level = self.schedule.at(t)
+        a, b2, T = level.a, level.b2, self.temperature_at(level)
         x = x_t.reshape(x_t.shape[0], -1).to(device=self.device, dtype=torch.float64)
         index = torch.as_tensor(index, device=self.device).reshape(-1)
-        Mq = self.masks(t)[:, index]  # [n, Q]: the masks S_i of the requested rows
+        Mq = self.masks(level)[:, index]  # [n, Q]: the masks S_i of the requested rows
         state = None
         for yt in self.columns:
             y = yt.T.to(torch.float64)  # [k, n]

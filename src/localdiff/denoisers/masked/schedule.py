@@ -38,8 +38,8 @@ class MaskedSchedule:
 
     params: dict[int, tuple[float, float]]
 
-    def at(self, t: int) -> tuple[float, float]:
-        """``(tau, temperature)`` of the listed timestep nearest to ``t`` (ties: the larger one)."""
+    def at(self, t) -> tuple[float, float]:
+        """``(tau, temperature)`` of the listed timestep nearest to the level ``t`` (ties: the larger one)."""
         return self.params[nearest_listed(self.params, t)]
 
     def to_dict(self) -> dict:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import ConfigError
+from ...schedules import NoiseLevel
 from ..wiener import wiener_gain
 from .kernel import QOperator
 from .model import MaskedConfig, MaskedDenoiser
@@ -127,14 +128,14 @@ class MaskedSoftDenoiser(MaskedDenoiser):
         out["masks"] = "soft wiener"
         return out
 
-    def _compute_masks(self, t: int) -> torch.Tensor:
-        """Soft masks [n, n] at timestep t in the working dtype (column i = pixel i's weights)."""
-        a, b2, tau = self.schedule.a(t), self.schedule.b2(t), self.tau_at(t)
+    def _compute_masks(self, level: NoiseLevel) -> torch.Tensor:
+        """Soft masks [n, n] at ``level`` in the working dtype (column i = pixel i's weights)."""
+        a, b2, tau = level.a, level.b2, self.tau_at(level)
         G = wiener_gain(self.spectrum, a, b2).to(torch.float64)
         w = soft_weights(normalized_gain(G, self.config.normalize), tau, float(self.config.gamma))
         lost = int(((G.diagonal().abs() >= DIAG_EPS) & (w.diagonal() == 0)).sum())  # varying pixels
         if lost:
-            warnings.warn(f"masked-soft: at t={t}, {lost} pixels are missing from their own mask "
+            warnings.warn(f"masked-soft: at {level.label}, {lost} pixels are missing from their own mask "
                           f"(normalize='{self.config.normalize}', tau={tau}); use normalize=sym",
                           RuntimeWarning, stacklevel=3)
         return w.to(self.device)

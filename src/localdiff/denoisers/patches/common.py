@@ -23,6 +23,7 @@ from typing import ClassVar, Literal
 import torch
 
 from ...errors import ConfigError
+from ...schedules import NoiseLevel
 from ..schedule_files import nearest_listed, read_schedule_doc
 from ..stream import BLOCK_ELEMENTS, StreamedDenoiser, StreamOptions
 
@@ -39,7 +40,8 @@ class PatchSchedule:
 
     sizes: dict[int, int]
 
-    def at(self, t: int) -> int:
+    def at(self, t) -> int:
+        """The size at the listed timestep nearest to the level ``t`` (a timestep or a NoiseLevel)."""
         return self.sizes[nearest_listed(self.sizes, t)]
 
 
@@ -139,9 +141,9 @@ class PatchDenoiser(StreamedDenoiser):
         for size in sizes:
             self.check_patch_size(size)
 
-    def patch_size_at(self, t: int) -> int:
-        """P used at timestep t: from the schedule (nearest listed timestep) or the constant patch_size."""
-        return self.size_schedule.at(t) if self.size_schedule is not None else self.config.patch_size
+    def patch_size_at(self, t) -> int:
+        """P used at the level ``t``: from the schedule (nearest listed level) or the constant patch_size."""
+        return self.size_schedule.at(self.schedule.at(t)) if self.size_schedule is not None else self.config.patch_size
 
     def max_patch_size(self) -> int:
         """The largest meaningful patch size (larger ones give the same result or are not allowed)."""
@@ -159,16 +161,16 @@ class PatchDenoiser(StreamedDenoiser):
             raise ConfigError(f"{self.name}: patch size must be odd (the patch is centred on its pixel), got {size}")
         return size
 
-    def denoise(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        return self.denoise_patch(x_t, t, self.patch_size_at(t))
+    def denoise(self, x_t: torch.Tensor, level: NoiseLevel) -> torch.Tensor:
+        return self.denoise_patch(x_t, level, self.patch_size_at(level))
 
-    def denoise_patch(self, x_t: torch.Tensor, t: int, patch_size: int) -> torch.Tensor:
-        """x0_hat at an explicit patch size (``x_t`` [B, C, H, W] on this denoiser's device)."""
-        t = self.schedule.check_t(t)
+    def denoise_patch(self, x_t: torch.Tensor, t, patch_size: int) -> torch.Tensor:
+        """x0_hat at an explicit patch size (``x_t`` [B, C, H, W] on this denoiser's device) at the level ``t``."""
+        level = self.schedule.at(t)
         size = self.check_patch_size(patch_size)
         x = self.rank_input(x_t.to(device=self.device, dtype=self.dtype))  # reaches the output only through
         # the softmax states, which each model merges over the ranks (merge_ranks)
-        return self._denoise(x, self.schedule.a(t), self.schedule.b2(t), size).to(x_t.dtype)
+        return self._denoise(x, level.a, level.b2, size).to(x_t.dtype)
 
     def _denoise(self, x: torch.Tensor, a: float, b2: float, size: int) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError

@@ -230,3 +230,5 @@ def test_a_fresh_network_broadcasts_one_sigma_like_a_batch_of_them():
         assert torch.allclose(one, many, atol=1e-6) and one.shape == x.shape
         with pytest.raises(ConfigError, match="2 noise levels for a batch of 3"):
             net(x, torch.ones(2), labels)
+        with pytest.raises(ConfigError, match=r"class labels of shape \(3,\); this network takes one-hot labels \[B, 3\]"):
+            net(x, torch.ones(3), torch.tensor([0, 1, 2]))

@@ -18,7 +18,7 @@ import torch
 from localdiff.errors import ConfigError
 from localdiff.networks.edm import load_edm_network, read_edm_snapshot
 from localdiff.networks.edm import snapshot as snapshot_module
-from localdiff.networks.edm.snapshot import ALLOWED, ContainerRecord, PersistentRecord, unpickle_snapshot
+from localdiff.networks.edm.snapshot import ALLOWED, ContainerRecord, PersistentRecord, TensorRef, unpickle_snapshot
 
 FIXTURES = Path(__file__).parent / "fixtures" / "edm"
 SNAPSHOT = FIXTURES / "snapshot_vp.pkl"
@@ -228,6 +228,8 @@ def rewrite(node, fn, src="# placeholder"):
         return container(rewrite(node.state, fn, src))
     if isinstance(node, dict):
         return type(node)((k, rewrite(v, fn, src)) for k, v in node.items())
+    if isinstance(node, TensorRef):
+        return node.value
     return node
 
 
@@ -285,3 +287,25 @@ def test_a_torch_file_with_code_is_refused_by_the_weights_only_reader(tmp_path, 
     with pytest.raises(ConfigError, match="weights-only reader refuses"):
         load_edm_network(path)
     assert not marker.exists()
+
+
+class WithState:
+    """Pickles as ``target(*args)`` followed by a BUILD with ``state``."""
+
+    def __init__(self, target, args, state):
+        self.target, self.args, self.state = target, args, state
+
+    def __reduce__(self):
+        return self.target, self.args, self.state
+
+
+def test_a_state_change_of_a_record_or_a_tensor_is_refused(tmp_path, persistence):
+    meta = dict(type="class", version=6, module_src="#", class_name="VPPrecond", state={})
+    path = tmp_path / "build.pkl"
+    path.write_bytes(pickle.dumps({"ema": WithState(persistence._reconstruct_persistent_obj, (meta,), {"x": 1})}))
+    with pytest.raises(ConfigError, match=r"state change \(BUILD\) of the persistent object VPPrecond"):
+        read_edm_snapshot(path)
+    fn, args = torch.zeros(3).__reduce_ex__(4)
+    path.write_bytes(pickle.dumps({"ema": WithState(fn, args, (args[0], 0, (3,), (1,)))}))
+    with pytest.raises(ConfigError, match=r"state change \(BUILD\) of a tensor or storage"):
+        read_edm_snapshot(path)

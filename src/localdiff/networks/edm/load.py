@@ -188,7 +188,6 @@ def _read_torch_kwargs(path: Path, precond: str | None) -> tuple[EDMNetwork, dic
 
 
 def _read_record(path: Path, precond: str | None) -> tuple[EDMNetwork, dict]:
-    from safetensors import SafetensorsError
     from safetensors.torch import load_file
 
     cfg_path = path.with_suffix(".json")
@@ -202,7 +201,7 @@ def _read_record(path: Path, precond: str | None) -> tuple[EDMNetwork, dict]:
         raise ConfigError(f"{cfg_path} is version {config.get('version')}; this localdiff reads version {RECORD_VERSION}")
     try:
         state_dict = load_file(str(path))
-    except (SafetensorsError, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError and OSError on damaged files
         raise ConfigError(f"{path} is not a readable safetensors file: {exc}") from exc
     net = edm_network_from_parts(config["init_kwargs"], state_dict, precond or config["class_name"])
     return net, {"format": "localdiff-safetensors", "precond_from": "given" if precond else "config", "config": str(cfg_path)}

@@ -19,6 +19,7 @@ network returns what EDM's code returns, bit for bit on a CPU.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from collections.abc import Mapping
@@ -105,8 +106,8 @@ class EDMNetwork(nn.Module):
     def __init__(self, precond: str, init_kwargs: Mapping):
         super().__init__()
         self.precond = precond_name(precond)
-        kwargs = dict(init_kwargs)
-        self.init_kwargs = dict(init_kwargs)
+        kwargs = copy.deepcopy(dict(init_kwargs))
+        self.init_kwargs = copy.deepcopy(dict(init_kwargs))  # as recorded (defaults not filled in), JSON-able
         own = DEFAULTS[self.precond]
         for key in ("img_resolution", "img_channels"):
             if key not in kwargs:
@@ -216,8 +217,11 @@ class EDMNetwork(nn.Module):
             class_labels = None
         elif class_labels is None:
             class_labels = torch.zeros([1, self.label_dim], device=x.device)
+        elif class_labels.ndim != 2 or class_labels.shape[1] != self.label_dim:
+            raise ConfigError(f"class labels of shape {tuple(class_labels.shape)}; this network takes one-hot labels "
+                              f"[B, {self.label_dim}] (or None)")
         else:
-            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
+            class_labels = class_labels.to(device=x.device, dtype=torch.float32)
         dtype = torch.float16 if self.use_fp16 and not force_fp32 and x.device.type == "cuda" else torch.float32
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)  # each [B or 1, 1, 1, 1]
         f = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels)

@@ -8,9 +8,10 @@ resolves only the names on an allow-list, and each to a stand-in of its own:
 
 * ``_reconstruct_persistent_obj`` -> :class:`PersistentRecord`, which keeps the class name, the state and
   the module source *as text* (hashed, never compiled or executed);
-* torch's tensor and parameter rebuild functions -> checked calls that return plain tensors;
 * ``torch.storage._load_from_bytes`` -> ``torch.load(..., weights_only=True)`` of the storage bytes
   (the legacy serialisation torch writes inside pickles, old and new versions alike);
+* torch's tensor and parameter rebuild functions -> checked calls (integer geometry, bounds checked);
+  storages and tensors are handed around as :class:`TensorRef`, so no opcode reaches a method of torch's;
 * ``torch.nn`` containers (``ModuleDict`` ...) -> :class:`ContainerRecord` holding their state;
 * ``collections.OrderedDict``, ``dnnlib.util.EasyDict`` (-> dict), ``builtins.set`` / ``frozenset``,
   numpy's ``dtype`` and ``scalar`` (plain numeric types only, -> Python numbers).
@@ -54,6 +55,9 @@ class PersistentRecord:
 
     def __init__(self, class_name: str, module_src: str, state: dict, version: Any):
         self.class_name, self.module_src, self.state, self.version = class_name, module_src, state, version
+
+    def __setstate__(self, state) -> None:
+        raise ConfigError(f"a state change (BUILD) of the persistent object {self.class_name}; EDM never writes one")
 
     @property
     def source_sha256(self) -> str:
@@ -121,7 +125,18 @@ def _persistent(meta) -> PersistentRecord:
     return PersistentRecord(name, src, state, meta.get("version"))
 
 
-def _storage_from_bytes(data) -> torch.TypedStorage | torch.UntypedStorage:
+class TensorRef:
+    """A storage or tensor the pickle rebuilt, held so that no pickle opcode reaches torch's own methods
+    (a BUILD on it is refused instead of calling ``Tensor.__setstate__``)."""
+
+    def __init__(self, value: torch.Tensor | torch.TypedStorage | torch.UntypedStorage):
+        self.value = value
+
+    def __setstate__(self, state) -> None:
+        raise ConfigError("a state change (BUILD) of a tensor or storage; EDM never writes one")
+
+
+def _storage_from_bytes(data) -> TensorRef:
     """``torch.storage._load_from_bytes``, with torch's weights-only reader (no code can run)."""
     if not isinstance(data, (bytes, bytearray)):
         raise ConfigError(f"tensor storage given as {type(data).__name__}, not bytes")
@@ -131,29 +146,30 @@ def _storage_from_bytes(data) -> torch.TypedStorage | torch.UntypedStorage:
         raise ConfigError(f"a tensor storage in the pickle is not readable by torch's weights-only loader ({exc!s:.200})") from exc
     if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
         raise ConfigError(f"a tensor storage blob holds {type(storage).__name__}, not a storage")
-    return storage
+    return TensorRef(storage)
 
 
 def _is_ints(v) -> bool:
-    return isinstance(v, (tuple, list, torch.Size)) and all(type(i) is int for i in v)
+    return isinstance(v, (tuple, list)) and all(type(i) is int for i in v)
 
 
-def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None) -> torch.Tensor:
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None) -> TensorRef:
     """``torch._utils._rebuild_tensor_v2`` restricted to a storage and integer geometry (bounds checked)."""
-    if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
+    if not isinstance(storage, TensorRef) or not isinstance(storage.value, (torch.TypedStorage, torch.UntypedStorage)):
         raise ConfigError(f"a tensor rebuilt from {type(storage).__name__}, not a storage")
     if type(offset) is not int or not _is_ints(size) or not _is_ints(stride) or len(size) != len(stride):
         raise ConfigError("a tensor with a non-integer offset, size or stride")
     if hooks or metadata:
         raise ConfigError("a tensor with backward hooks or metadata; EDM's tensors have none")
     try:
-        return torch._utils._rebuild_tensor_v2(storage, offset, tuple(size), tuple(stride), False, OrderedDict())
+        return TensorRef(torch._utils._rebuild_tensor_v2(storage.value, offset, tuple(size), tuple(stride), False,
+                                                         OrderedDict()))
     except RuntimeError as exc:
         raise ConfigError(f"a tensor whose size does not fit its storage ({exc!s:.200})") from exc
 
 
-def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None) -> torch.Tensor:
-    if not isinstance(data, torch.Tensor) or hooks or state:
+def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None) -> TensorRef:
+    if not isinstance(data, TensorRef) or not isinstance(data.value, torch.Tensor) or hooks or state:
         raise ConfigError("a parameter that is not a plain tensor (or with hooks or state)")
     return data
 
@@ -244,9 +260,9 @@ def _collect(node, prefix: str, out: dict, classes: list, sources: dict, depth: 
         for name, value in state[kind].items():
             if value is None or (kind == "_buffers" and name in skip):
                 continue
-            if not isinstance(value, torch.Tensor):
+            if not isinstance(value, TensorRef) or not isinstance(value.value, torch.Tensor):
                 raise ConfigError(f"{prefix}{name} is a {type(value).__name__}, not a tensor")
-            out[prefix + str(name)] = value
+            out[prefix + str(name)] = value.value
     for name, child in state["_modules"].items():
         if child is not None:
             _collect(child, f"{prefix}{name}.", out, classes, sources, depth + 1)
@@ -292,8 +308,8 @@ def _plain(value, depth: int = 0):
         return {str(k): _plain(v, depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         return [_plain(v, depth + 1) for v in value]
-    if isinstance(value, torch.Tensor):
-        return f"tensor{list(value.shape)}"
+    if isinstance(value, TensorRef):
+        return f"{type(value.value).__name__}{list(getattr(value.value, 'shape', []))}"
     if isinstance(value, PersistentRecord):
         attrs = {k: _plain(v, depth + 1) for k, v in value.state.items() if not str(k).startswith("_")}
         return {"class_name": value.class_name, "attributes": attrs}

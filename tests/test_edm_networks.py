@@ -52,6 +52,14 @@ def test_torch_kwargs_file_gives_edms_denoiser(name):
     assert_matches(net, fixture_io(name))
 
 
+def test_a_kwargs_file_in_torchs_legacy_format_loads_too(tmp_path):
+    blob = torch.load(FIXTURES / "ve_ncsnpp.pt", weights_only=True)
+    torch.save(blob, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    net, info = load_edm_network(tmp_path / "legacy.pt")
+    assert info["format"] == "torch-kwargs" and net.class_name == "VEPrecond"
+    assert_matches(net, fixture_io("ve_ncsnpp"))
+
+
 def test_the_outputs_depend_on_every_input():
     """The fixtures are sensitive: other labels, other weights or another sigma change D."""
     net, _ = load_edm_network(FIXTURES / "edm_songskip.pt")
@@ -93,7 +101,8 @@ def table1(precond, sigma, h, u=None):
         j = np.abs(u[None, :] - sigma[:, None]).argmin(1)
         return np.ones_like(sigma), -sigma, 1 / np.sqrt(sigma ** 2 + 1), h["M"] - 1 - j
     sd = h["sigma_data"]
-    return sd ** 2 / (sigma ** 2 + sd ** 2), sigma * sd / np.sqrt(sigma ** 2 + sd ** 2), 1 / np.sqrt(sd ** 2 + sigma ** 2), np.log(sigma) / 4
+    norm = np.sqrt(sigma ** 2 + sd ** 2)
+    return sd ** 2 / norm ** 2, sigma * sd / norm, 1 / norm, np.log(sigma) / 4
 
 
 def iddpm_table64(M=1000, C_1=0.001, C_2=0.008):
@@ -137,7 +146,8 @@ def test_ve_and_edm_ranges_and_vp_float32_range():
     edm = EDMNetwork("EDMPrecond", dict(img_resolution=8, img_channels=1, model_channels=8, channel_mult=[1],
                                         model_type="SongUNet"))
     assert edm.sigma_min == 0.0 and math.isinf(edm.sigma_max) and edm.sigma_data == 0.5
-    vp = EDMNetwork("training.networks.VPPrecond", dict(img_resolution=8, img_channels=1, model_channels=8, channel_mult=[1]))
+    vp = EDMNetwork("training.networks.VPPrecond",
+                    dict(img_resolution=8, img_channels=1, model_channels=8, channel_mult=[1]))
     # EDM evaluates sigma(epsilon_t = 1e-5) in float32: 9.77e-4, not the exact 3.16e-3; localdiff reports EDM's value
     assert vp.sigma_min == pytest.approx(0.0009765625) and vp.sigma_max == pytest.approx(152.16697, rel=1e-6)
 

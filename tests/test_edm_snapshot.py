@@ -64,7 +64,8 @@ def test_a_global_outside_the_allow_list_is_refused_before_it_runs(tmp_path, mar
     for i, data in enumerate((call + b".", b"(dp0\nS'ema'\np1\n" + call + b"s.")):
         path = tmp_path / f"evil{i}.pkl"
         path.write_bytes(data)
-        with pytest.raises(ConfigError, match=rf"the pickle asks for {module}\.{name}, which is not on localdiff's allow-list"):
+        refused = rf"the pickle asks for {module}\.{name}, which is not on localdiff's allow-list"
+        with pytest.raises(ConfigError, match=refused):
             load_edm_network(path)
     assert not marker.exists()
 

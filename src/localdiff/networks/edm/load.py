@@ -141,7 +141,8 @@ def infer_precond(init_kwargs: Mapping, state_dict: Mapping, meta: Mapping | Non
                           f"pass the preconditioning explicitly (precond=...)")
     if "sigma_min" in meta and "sigma_max" in meta:
         lo, hi = float(meta["sigma_min"]), float(meta["sigma_max"])
-        match = [p for p in ("vp", "ve", "edm") if (r := _sigma_range(p, init_kwargs)) and _close(r[0], lo) and _close(r[1], hi)]
+        ranges = {p: _sigma_range(p, init_kwargs) for p in ("vp", "ve", "edm")}
+        match = [p for p, r in ranges.items() if _close(r[0], lo) and _close(r[1], hi)]
         if len(match) == 1:
             return match[0], f"meta's noise range [{lo:g}, {hi:g}]"
         if len(match) > 1:
@@ -204,7 +205,8 @@ def _read_record(path: Path, precond: str | None) -> tuple[EDMNetwork, dict]:
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError and OSError on damaged files
         raise ConfigError(f"{path} is not a readable safetensors file: {exc}") from exc
     net = edm_network_from_parts(config["init_kwargs"], state_dict, precond or config["class_name"])
-    return net, {"format": "localdiff-safetensors", "precond_from": "given" if precond else "config", "config": str(cfg_path)}
+    how = "given" if precond else "config"
+    return net, {"format": "localdiff-safetensors", "precond_from": how, "config": str(cfg_path)}
 
 
 def _read_pickle(path: Path, key: str, precond: str | None) -> tuple[EDMNetwork, dict]:

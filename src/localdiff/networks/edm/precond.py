@@ -212,7 +212,8 @@ class EDMNetwork(nn.Module):
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
         if sigma.shape[0] not in (1, x.shape[0]):
-            raise ConfigError(f"{sigma.shape[0]} noise levels for a batch of {x.shape[0]} images; give one or one per image")
+            raise ConfigError(f"{sigma.shape[0]} noise levels for a batch of {x.shape[0]} images; "
+                              f"give one or one per image")
         if self.label_dim == 0:
             class_labels = None
         elif class_labels is None:

@@ -41,8 +41,10 @@ from ...errors import ConfigError
 _PLAIN_DTYPE = re.compile(r"[<>|=]?(b1|[iu][1248]|f[248])")
 MAX_DEPTH = 64  # nesting of modules in a network (EDM's have 4)
 KNOWN_SOURCES = {  # sha256 of NVlabs/edm training/networks.py as released (the module source EDM pickles)
-    "2294828d5f59f5fd008f7141e6b8af2095918f2ce019f280a933e4779b5c3cef": "NVlabs/edm training/networks.py @0a2ff34 (2022-10-31)",
-    "5db27dcd96674b95c72d5e6491b879cdc35e24039ada3411b4b46a28ed1fe284": "NVlabs/edm training/networks.py @b2a26c9 (2022-11-21 .. 2024)",
+    "2294828d5f59f5fd008f7141e6b8af2095918f2ce019f280a933e4779b5c3cef":
+        "NVlabs/edm training/networks.py @0a2ff34 (2022-10-31)",
+    "5db27dcd96674b95c72d5e6491b879cdc35e24039ada3411b4b46a28ed1fe284":
+        "NVlabs/edm training/networks.py @b2a26c9 (2022-11-21 .. 2024)",
 }
 _FIX = ("Is it a network-snapshot-*.pkl / edm-*.pkl written by NVlabs/edm? A file from elsewhere can be converted "
         "with EDM's own code, on a machine and in an environment you trust, to the {init_kwargs, state_dict, meta} "
@@ -143,7 +145,8 @@ def _storage_from_bytes(data) -> TensorRef:
     try:
         storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad blob
-        raise ConfigError(f"a tensor storage in the pickle is not readable by torch's weights-only loader ({exc!s:.200})") from exc
+        raise ConfigError(f"a tensor storage in the pickle is not readable by torch's weights-only loader "
+                          f"({exc!s:.200})") from exc
     if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
         raise ConfigError(f"a tensor storage blob holds {type(storage).__name__}, not a storage")
     return TensorRef(storage)
@@ -240,7 +243,8 @@ def _module_state(node, where: str) -> dict:
     state = node.state
     for key in ("_parameters", "_buffers", "_modules"):
         if not isinstance(state.get(key), dict):
-            raise ConfigError(f"{where} ({type(node).__name__} {node.class_name}) is not a torch module: its state has no {key} dict")
+            raise ConfigError(f"{where} ({type(node).__name__} {node.class_name}) is not a torch module: "
+                              f"its state has no {key} dict")
     return state
 
 

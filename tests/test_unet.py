@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from localdiff import make_denoiser
+from localdiff import DEFAULT_SCHEDULE, make_denoiser, sample
 from localdiff.data.dataset import ImageDataset
 from localdiff.errors import ConfigError
 from localdiff.unet import SMALL, TRAIN_RECIPES, DataOrder, TrainConfig, TrainingInterrupted, UNetConfig, UNetTrainer
@@ -124,8 +124,21 @@ def test_unet_pipeline_directory_and_schedule_check(tiny_unet_dir, tmp_path):
              "beta_schedule": "linear", "prediction_type": "epsilon"}
     (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
     assert make_denoiser("unet", tiny_data(), path=str(pipe), device="cpu").info.subfolder == "unet"
+    # a network of another table keeps it: its own timesteps work, the default table's levels (other sigmas) do not,
+    # and DDIM on the default table is refused before any step; Heun rounds its grid to the network's levels
     (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps({**sched, "beta_end": 0.012}))
-    with pytest.raises(ConfigError, match="noise schedule"):
+    den = make_denoiser("unet", tiny_data(), path=str(pipe), device="cpu")
+    assert den.schedule.beta_end == 0.012 and den.schedule != DEFAULT_SCHEDULE
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert den(x, 500).shape == x.shape
+    with pytest.raises(ConfigError, match="none of them"):
+        den(x, DEFAULT_SCHEDULE.at(500))
+    with pytest.raises(ConfigError, match="none of them"):
+        sample(den, init_noise=x, steps=4, schedule=DEFAULT_SCHEDULE, progress=False)
+    traj = sample(den, init_noise=x, sampler="heun", steps=6, return_trajectory=True, progress=False)
+    assert all(lv.t is not None and lv.schedule == den.schedule.name for lv in traj.levels)
+    (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps({**sched, "beta_schedule": "sigmoid"}))
+    with pytest.raises(ConfigError, match="sigmoid"):
         make_denoiser("unet", tiny_data(), path=str(pipe), device="cpu")
 
 

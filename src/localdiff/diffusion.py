@@ -54,6 +54,19 @@ def initial_noise(num: int, shape: tuple[int, int, int], *, seed: int = 0,
     return torch.randn((num, *shape), generator=gen, dtype=torch.float32)
 
 
+def check_grid(denoiser, grid: Grid) -> None:
+    """ConfigError, before any step, when ``grid`` visits a level that a network trained at discrete levels
+    cannot be evaluated at (a DDIM/DDPM table other than its own)."""
+    if not getattr(denoiser, "discrete_levels", False):
+        return
+    off = [lv for lv in grid.levels if abs(denoiser.snap_sigma(lv.sigma) / lv.sigma - 1.0) > 1e-6]
+    if off:
+        raise ConfigError(f"{getattr(denoiser, 'name', 'the denoiser')}: the {grid.sampler.name} grid on the "
+                          f"{grid.schedule.name} schedule visits {len(off)} level(s) the network was not trained at "
+                          f"({off[0].label}: none of them); sample on the network's own schedule, or with --sampler "
+                          "euler or heun, whose grid is rounded to its levels")
+
+
 def _call(denoiser, level: NoiseLevel):
     """The argument that names ``level`` to ``denoiser``: the level for a localdiff model (it reads its
     ``schedule``), the integer timestep for a plain function ``(x_t, t)`` when the level has one."""
@@ -204,6 +217,7 @@ def sample(
             raise ConfigError("init_noise contains NaN or Inf values")
     if grid is None:
         grid = grid_for(denoiser, sampler, steps, schedule)
+    check_grid(denoiser, grid)
     device = getattr(denoiser, "device", torch.device("cpu"))
     bs = init_noise.shape[0] if batch_size is None else int(batch_size)
     if bs < 1:

@@ -50,7 +50,7 @@ def check_reference(unet, fit_data, spectrum, held_out, timesteps, config, devic
         warnings.append(f"the reference U-Net denoises held-out images worse than Wiener at t = "
                         f"{', '.join(map(str, sorted(worse, reverse=True)))} (paired MSE on {n} images, 95% intervals "
                         "above 0): comparisons at those steps are against an undertrained network")
-    manifest = unet.info.manifest or {}
+    manifest = (unet.info.manifest if unet.info is not None else None) or {}
     return {
         "num_images": n,
         "timesteps": [int(t) for t in timesteps],

@@ -238,9 +238,13 @@ class Schedule(NoiseSchedule):
         logs = self.sigmas.log()
         return int((logs - math.log(sigma)).abs().argmin())
 
+    def owns(self, level: NoiseLevel) -> bool:
+        """Whether ``level`` is this table's own entry at its timestep (the same a and b2)."""
+        return level.t is not None and 0 <= level.t < self.num_train_timesteps and self._levels[level.t].key == level.key
+
     def timestep_of(self, level: NoiseLevel, rtol: float = 1e-6) -> int | None:
         """The timestep of this table at ``level``'s sigma (within ``rtol``), else None."""
-        if level.t is not None and level.schedule == self.name:
+        if self.owns(level):
             return level.t
         t = self.nearest_timestep(level.sigma)
         return t if abs(float(self.sigmas[t]) / level.sigma - 1.0) <= rtol else None

@@ -19,7 +19,7 @@ def nearest_listed(listed, t) -> int:
     """The listed timestep nearest to ``t`` (an int of the default schedule, or a NoiseLevel); ties go to the
     larger, noisier one."""
     if isinstance(t, NoiseLevel):
-        if t.t is None or t.schedule != DEFAULT_SCHEDULE.name:  # another family: nearest in log sigma
+        if not DEFAULT_SCHEDULE.owns(t):  # a level of another table or family: nearest in log sigma
             log_sigma = math.log(t.sigma)
             return min(listed, key=lambda s: (abs(math.log(float(DEFAULT_SCHEDULE.sigmas[s])) - log_sigma), -s))
         t = t.t

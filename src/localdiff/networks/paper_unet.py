@@ -36,6 +36,7 @@ from .paper_unet_files import (STATE_ENTRIES, extract_state_dict, load_checkpoin
                                name_list, strip_prefixes)
 
 __all__ = ["PaperUNetConfig", "PaperUNet", "config_from_state_dict", "is_paper_state_dict", "extract_state_dict",
+           "paper_checkpoint_from_object",
            "read_paper_checkpoint", "paper_unet_from_state_dict", "load_state_strict", "load_checkpoint_safely",
            "STATE_ENTRIES"]
 
@@ -345,7 +346,13 @@ def read_paper_checkpoint(path: str | Path, *, entry: str | None = None) -> tupl
     sinusoidal formula; ~0 for the published files).
     """
     path = Path(path)
-    obj = load_checkpoint_safely(path)
+    return paper_checkpoint_from_object(load_checkpoint_safely(path), path, entry=entry)
+
+
+def paper_checkpoint_from_object(obj, path: str | Path, *, entry: str | None = None
+                                 ) -> tuple[PaperUNet, PaperUNetConfig, dict]:
+    """:func:`read_paper_checkpoint` on what ``torch.load(path, weights_only=True)`` returned (``obj``)."""
+    path = Path(path)
     state, used = locate_state_dict(obj, entry)
     if not is_paper_state_dict(state):
         raise ConfigError(f"{path}: " + _not_paper_message(state))

@@ -49,9 +49,26 @@ def load_data_from_args(args, split: str | None = None, *, shard: bool | None = 
     data = load_dataset(args.dataset or args.data, split=split or args.split, resolution=args.resolution,
                         channels=args.channels, subset=args.subset, seed=args.data_seed,
                         max_bytes=getattr(args, "max_data_bytes", None))
+    data = of_class(data, getattr(args, "class_label", None))
     if shard is None:
         shard = split is None
     return shard_dataset(data) if shard else data
+
+
+def of_class(data, label: int | None):
+    """The images of class ``label`` (``--class-label``; all of them when None)."""
+    import numpy as np
+
+    if label is None:
+        return data
+    if data.labels is None:
+        raise ConfigError(f"--class-label {label}: the data '{data.name}' have no labels, so the training images of one "
+                          "class cannot be chosen; use labelled data or drop --class-label")
+    idx = np.nonzero(data.labels == int(label))[0]
+    if len(idx) == 0:
+        raise ConfigError(f"--class-label {label}: no image of '{data.name}' has that label (labels "
+                          f"{int(data.labels.min())}..{int(data.labels.max())})")
+    return data.select(idx, note=f"class {int(label)}")
 
 
 def run_record(data=None) -> dict:
@@ -105,6 +122,71 @@ def timestep_list(text: str, what: str) -> list[int]:
     for t in int_list(text, what):
         try:
             out.append(DEFAULT_SCHEDULE.check_t(t))
+        except ConfigError as exc:
+            raise ConfigError(f"{what}: {exc}") from None
+    return out
+
+
+def add_sampling_args(p, *, defaults: bool = True) -> None:
+    """--sampler, --schedule and the Euler/Heun settings (docs/DESIGN.md §10); ``defaults`` False leaves
+    them None (a preset decides)."""
+    from ..samplers import SAMPLERS
+    from ..schedules import SCHEDULES
+
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim" if defaults else None,
+                   help="ddim (default; diffusers' DDIMScheduler), ddpm, euler or heun (EDM's deterministic "
+                        "2nd-order sampler on the Karras grid)")
+    p.add_argument("--schedule", choices=list(SCHEDULES), default=None,
+                   help="the noise levels' family (default: the network's own when a network is sampled, else "
+                        "ddpm-linear); ddim/ddpm need a ddpm-* table")
+    p.add_argument("--sigma-min", type=float, default=None, help="euler/heun: lowest sigma (default 0.002, clipped "
+                                                                 "to the schedule's and the network's range)")
+    p.add_argument("--sigma-max", type=float, default=None, help="euler/heun: highest sigma (default 80, clipped)")
+    p.add_argument("--s-churn", type=float, default=0.0, help="euler/heun: EDM's stochastic churn (default 0)")
+
+
+def sampler_from_args(args, steps: int):
+    """The :class:`~localdiff.samplers.SamplerConfig` of the arguments."""
+    from ..samplers import SamplerConfig
+
+    return SamplerConfig(name=args.sampler or "ddim", steps=steps, sigma_min=args.sigma_min,
+                         sigma_max=args.sigma_max, s_churn=args.s_churn)
+
+
+def schedule_from_args(args):
+    """The schedule --schedule names, or None (the network's own, else the default table)."""
+    from ..schedules import schedule_named
+
+    return schedule_named(args.schedule) if getattr(args, "schedule", None) else None
+
+
+def add_network_args(p) -> None:
+    """--unet and --class-label."""
+    p.add_argument("--unet", metavar="PATH", default=None,
+                   help="the network: a diffusers UNet2DModel directory, the paper's .pt checkpoint, an EDM .pkl "
+                        "snapshot or a convert-network .safetensors (default: the one shipped for the dataset)")
+    p.add_argument("--class-label", type=int, default=None, metavar="K",
+                   help="for a class-conditional network: sample class K; the analytical models are then fitted "
+                        "on the training images of class K")
+
+
+def levels_list(timesteps: str | None, sigmas: str | None, schedule, what: str = "--timesteps"):
+    """The levels of --timesteps (integers of ``schedule``) or --sigmas (any family): ints, or NoiseLevels."""
+    from ..schedules import DEFAULT_SCHEDULE
+
+    schedule = schedule or DEFAULT_SCHEDULE
+    if sigmas:
+        values = float_list(sigmas, "--sigmas")
+        if any(not (v > 0) for v in values):
+            raise ConfigError(f"--sigmas must be positive numbers, got {sigmas}")
+        return [schedule.level(v) for v in values]
+    if not getattr(schedule, "discrete", False):
+        raise ConfigError(f"the {schedule.name} schedule is continuous: give noise levels with --sigmas, e.g. "
+                          "--sigmas 80,10,1,0.1")
+    out = []
+    for t in int_list(timesteps, what):
+        try:
+            out.append(schedule.check_t(t))
         except ConfigError as exc:
             raise ConfigError(f"{what}: {exc}") from None
     return out

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .common import add_data_args, command_line, load_data_from_args, new_run_dir, parse_opts, run_record, versions
+from .common import (add_data_args, add_network_args, add_sampling_args, command_line, load_data_from_args,
+                     new_run_dir, parse_opts, run_record, sampler_from_args, schedule_from_args, versions)
 
 
 def register(subparsers) -> None:
@@ -22,11 +23,13 @@ def register(subparsers) -> None:
     p.add_argument("--num", type=int, default=16, help="number of samples (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     p.add_argument("--init-noise", metavar="FILE.npy", help="initial latents [N,C,H,W] instead of --num/--seed")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="default ddim")
+    add_sampling_args(p)
+    add_network_args(p)
     p.add_argument("--batch-size", type=int, default=None, help="denoise this many samples at a time")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--trajectory", action="store_true", help="also write trajectory.npz (x_t and x0_hat per step)")
     p.add_argument("--out", required=True, help="new directory for the results (never overwritten)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -44,7 +47,9 @@ def load_init_noise(path: str) -> torch.Tensor:
 
 
 def run(args) -> int:
-    from .. import make_denoiser, sample
+    from .. import DEFAULT_SCHEDULE, make_denoiser, sample
+    from ..device import resolve_device
+    from ..diffusion import grid_for
     from ..fileio import write_json, write_npy, write_npz
     from ..report import save_grid
 
@@ -56,17 +61,27 @@ def run(args) -> int:
         data = load_data_from_args(args)
         t_load = time.perf_counter() - t0
         opts = parse_opts(args.opt)
-        opts.setdefault("device", args.device)
-        den = make_denoiser(args.model, data, **opts)
+        opts.setdefault("device", resolve_device(args.device))
+        if args.model == "unet":
+            if args.unet is not None:
+                opts["path"] = args.unet
+            if args.class_label is not None:
+                opts["class_label"] = args.class_label
+        elif args.unet is not None:
+            raise ConfigError("--unet names the network of --model unet; this run samples " + args.model)
+        schedule = schedule_from_args(args)
+        den = make_denoiser(args.model, data, schedule=schedule or DEFAULT_SCHEDULE, **opts)
         t_fit = time.perf_counter() - t0 - t_load
-        traj = sample(den, num=args.num, steps=args.steps, seed=args.seed, init_noise=init,
-                      sampler=args.sampler, batch_size=args.batch_size, return_trajectory=True)
+        grid = grid_for(den, sampler_from_args(args, args.steps), schedule=schedule)
+        traj = sample(den, num=args.num, seed=args.seed, init_noise=init, grid=grid, batch_size=args.batch_size,
+                      return_trajectory=True, progress=not args.no_progress)
         t_total = time.perf_counter() - t0
         samples = traj.samples.numpy().astype(np.float32)
         write_npy(tmp / "samples.npy", samples)
         save_grid(traj.samples, tmp / "grid.png")
         if args.trajectory:
-            write_npz(tmp / "trajectory.npz", timesteps=np.asarray(traj.timesteps, np.int64),
+            write_npz(tmp / "trajectory.npz", sigmas=np.asarray([lv.sigma for lv in traj.levels], np.float64),
+                      timesteps=np.asarray([-1 if t is None else t for t in traj.timesteps], np.int64),
                       xt=traj.xt.numpy(), x0_hat=traj.x0_hat.numpy())
         processes = run_record(data)
         write_json(tmp / "run.json", {
@@ -76,8 +91,8 @@ def run(args) -> int:
             "settings": {k: v for k, v in vars(args).items() if k != "func"},
             "dataset": data.describe(),
             "model": den.settings(),
-            "sampler": {"name": args.sampler, "steps": args.steps, "timesteps": traj.timesteps,
-                        "num": int(samples.shape[0]), "seed": args.seed, "init_noise": args.init_noise},
+            "sampler": {**grid.record(), "num": int(samples.shape[0]), "seed": args.seed,
+                        "init_noise": args.init_noise},
             "timings_s": {"load_data": t_load, "fit": t_fit, "total": t_total,
                           "per_step": traj.step_seconds},
             "versions": versions(),

@@ -20,7 +20,8 @@ do not depend on t) and by ``E[u_p u_q w]``, ``w = (y - mu)_i - a J_i (y - mu)``
 
 (M_k: moments of ``u``, which is centred, so odd terms with one ``u`` vanish; ``u' = (y - mu)[N_i]``;
 J the Wiener Jacobian). ``beta = 0`` is Wiener, so on the training distribution it is never worse than
-Wiener. A small ridge (relative to the Gram's diagonal) keeps the solve well posed on constant pixels.
+Wiener. A small ridge (each feature's, relative to its own Gram diagonal entry, so that rescaling the
+features changes nothing) keeps the solve well posed on constant pixels.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from .wiener import wiener_apply, wiener_jacobian
 @dataclass
 class WienerQuadraticConfig(DenoiserConfig):
     k: int = 6  # neighbourhood size: the k pixels most correlated with the output pixel (itself first)
-    ridge: float = 1e-8  # Tikhonov term, relative to the mean diagonal of each pixel's Gram matrix
+    ridge: float = 1e-8  # Tikhonov term, relative to each feature's diagonal entry of the pixel's Gram matrix
     pixel_block: int = 32  # output pixels per step when computing moments (memory: block x images x k^2)
     cache: bool = True  # reuse the on-disk statistics cache
 
@@ -160,9 +161,11 @@ class WienerQuadraticDenoiser(StreamedDenoiser):
         J_n = torch.gather(J, 1, self.nbhd)  # [n, k]: J[i, N_i]
         quad = a * a * Euuw + s2 * Ew[:, None] * eye.reshape(1, -1)
         rhs = torch.cat([Ew[:, None], a * Euw - s2 * J_n, quad[:, pr]], 1)
-        diag = gram.diagonal(dim1=1, dim2=2)
-        reg = self.config.ridge * diag.mean(1, keepdim=True).clamp(min=1e-30)
-        beta = torch.linalg.solve(gram + torch.diag_embed(reg.expand(-1, F)), rhs.unsqueeze(-1)).squeeze(-1)
+        # ridge relative to each feature's own second moment (every one has the noise's, so > 0): rescaling
+        # the features (x_t = a y of another family at the same sigma) rescales it alike, so x0_hat depends on
+        # sigma only
+        reg = self.config.ridge * gram.diagonal(dim1=1, dim2=2).clamp(min=1e-300)  # [n, F]
+        beta = torch.linalg.solve(gram + torch.diag_embed(reg), rhs.unsqueeze(-1)).squeeze(-1)
         self._beta[level.key] = beta
         return beta
 

@@ -17,7 +17,7 @@ import torch
 from .distributed import tqdm
 from .errors import ConfigError
 from .samplers import Grid, SamplerConfig, make_grid, make_scheduler, ode_loop, timesteps_for  # noqa: F401
-from .schedules import DEFAULT_SCHEDULE, NoiseLevel, NoiseSchedule, Schedule, add_noise  # noqa: F401 (public here too)
+from .schedules import DEFAULT_SCHEDULE, NoiseLevel, NoiseSchedule, Schedule, add_noise, level_key  # noqa: F401
 
 DenoiserFn = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -35,6 +35,16 @@ class Trajectory:
     step_seconds: list[float] = field(default_factory=list)
     levels: list[NoiseLevel] = field(default_factory=list)
     grid: Grid | None = None
+
+    @property
+    def keys(self) -> list[str]:
+        """Each step's key in records (:func:`localdiff.schedules.level_key`): ``"900"``, or ``"s=1.23"``."""
+        return [level_key(lv) for lv in self.levels] if self.levels else [str(t) for t in self.timesteps]
+
+    @property
+    def steps(self) -> list:
+        """What to call a denoiser with at each step: the levels (the timesteps of an older record)."""
+        return list(self.levels) if self.levels else list(self.timesteps)
 
 
 def grid_for(denoiser, sampler: str | SamplerConfig = "ddim", steps: int | None = None,

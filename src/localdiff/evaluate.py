@@ -14,13 +14,13 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from .schedules import DEFAULT_SCHEDULE, Schedule
+from .schedules import DEFAULT_SCHEDULE, NoiseLevel, NoiseSchedule, level_key
 from .distributed import tqdm
 from .errors import ConfigError
 
 
 def denoising_mse(denoisers: Mapping[str, object], images: torch.Tensor, timesteps: Sequence[int], *,
-                  generator: torch.Generator, batch_size: int = 64, schedule: Schedule = DEFAULT_SCHEDULE,
+                  generator: torch.Generator, batch_size: int = 64, schedule: NoiseSchedule = DEFAULT_SCHEDULE,
                   progress: bool = True) -> dict[str, dict[int, dict[str, float]]]:
     """``{model: {t: {"mse", "se", "num"}}}`` for held-out ``images`` [N,C,H,W] in [-1, 1].
 
@@ -54,9 +54,9 @@ def paired_mse_comparisons(errors: Mapping[str, Mapping[int, torch.Tensor]]) -> 
             for t in timesteps}
 
 
-def noisy_draws(images: torch.Tensor, timesteps: Sequence[int], generator: torch.Generator,
-                schedule: Schedule = DEFAULT_SCHEDULE) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(t, x_t)`` [N, C, H, W] float32 per timestep: one noise draw per image and timestep from
+def noisy_draws(images: torch.Tensor, timesteps: Sequence, generator: torch.Generator,
+                schedule: NoiseSchedule = DEFAULT_SCHEDULE) -> Iterator[tuple[object, torch.Tensor]]:
+    """``(t, x_t)`` [N, C, H, W] float32 per level (timestep or NoiseLevel): one noise draw per image and timestep from
     ``generator``, timestep after timestep, one x_t in memory at a time. Every held-out score of the
     toolkit (evaluate, calibrate-masked, benchmarks/heldout_mse.py) noises its images here, so the same
     seed gives the same x_t everywhere."""
@@ -66,25 +66,27 @@ def noisy_draws(images: torch.Tensor, timesteps: Sequence[int], generator: torch
 
 
 def denoising_errors(denoisers: Mapping[str, object], images: torch.Tensor, timesteps: Sequence[int], *,
-                     generator: torch.Generator, batch_size: int = 64, schedule: Schedule = DEFAULT_SCHEDULE,
+                     generator: torch.Generator, batch_size: int = 64, schedule: NoiseSchedule = DEFAULT_SCHEDULE,
                      progress: bool = True) -> dict[str, dict[int, torch.Tensor]]:
-    """Per-image per-pixel squared errors ``{model: {t: [N] float64}}`` (see :func:`denoising_mse`)."""
+    """Per-image per-pixel squared errors ``{model: {t: [N] float64}}`` (see :func:`denoising_mse`) at the levels
+    ``timesteps``: integer timesteps of ``schedule`` (the keys) or NoiseLevels (keyed ``"500"`` or ``"s=1.23"``)."""
     if images.ndim != 4 or images.shape[0] < 1:
         raise ConfigError(f"held-out images must be a non-empty [N,C,H,W] tensor, got {tuple(images.shape)}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
-    timesteps = [schedule.check_t(t) for t in timesteps]
+    levels = [schedule.at(t) for t in timesteps]  # validated once
+    keys = [level_key(t) if isinstance(t, NoiseLevel) else lv.t for t, lv in zip(timesteps, levels)]
     images = images.detach().to("cpu", torch.float32)
     n_img = images.shape[0]
-    sq = {name: {t: torch.empty(n_img, dtype=torch.float64) for t in timesteps} for name in denoisers}
-    bar = tqdm(total=len(timesteps) * n_img, desc="denoising MSE", unit="img", disable=not progress)
-    for t, x_t in noisy_draws(images, timesteps, generator, schedule):  # x_t [N,C,H,W]
+    sq = {name: {k: torch.empty(n_img, dtype=torch.float64) for k in keys} for name in denoisers}
+    bar = tqdm(total=len(levels) * n_img, desc="denoising MSE", unit="img", disable=not progress)
+    for k, (level, x_t) in zip(keys, noisy_draws(images, levels, generator, schedule)):  # x_t [N,C,H,W]
         for start in range(0, n_img, batch_size):
             sl = slice(start, start + batch_size)
             for name, den in denoisers.items():
                 with torch.no_grad():
-                    x0_hat = den(x_t[sl], t).double()
-                sq[name][t][sl] = (x0_hat - images[sl].double()).pow(2).flatten(1).mean(1)
+                    x0_hat = den(x_t[sl], level).double()
+                sq[name][k][sl] = (x0_hat - images[sl].double()).pow(2).flatten(1).mean(1)
             bar.update(x_t[sl].shape[0])
     bar.close()
     return sq

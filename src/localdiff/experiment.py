@@ -52,6 +52,7 @@ class ExperimentConfig:
     seed: int = 0
     device: str = "auto"
     allow_foreign_unet: bool = False  # accept a --unet SET=DIR whose manifest names other data
+    smoke: bool = False  # a smoke run (--quick): it checks that everything runs and gives no verdict
 
     def validate(self) -> None:
         if not self.sets:

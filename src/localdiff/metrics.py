@@ -61,9 +61,10 @@ def mse(x, y) -> torch.Tensor:
 
 @dataclass
 class StepComparison:
-    """R² and MSE per step and sample, ``r2`` and ``mse`` [S, N] float64, against a reference."""
+    """R² and MSE per step and sample, ``r2`` and ``mse`` [S, N] float64, against a reference; ``timesteps``
+    holds each step's key (``"900"``, or ``"s=1.23"`` for a continuous level)."""
 
-    timesteps: list[int]
+    timesteps: list[str]
     r2: torch.Tensor
     mse: torch.Tensor
 
@@ -80,7 +81,8 @@ class StepComparison:
 
 
 def compare_steps(x0_hat, reference, timesteps) -> StepComparison:
-    """Compare per-step estimates ``x0_hat`` [S, N, ...] with ``reference`` [S, N, ...] at every step."""
+    """Compare per-step estimates ``x0_hat`` [S, N, ...] with ``reference`` [S, N, ...] at every step
+    (``timesteps``: the steps' keys)."""
     x0_hat, reference = torch.as_tensor(x0_hat), torch.as_tensor(reference)
     if tuple(x0_hat.shape) != tuple(reference.shape):
         raise ConfigError(f"trajectories differ in shape: {tuple(x0_hat.shape)} vs {tuple(reference.shape)}")
@@ -88,7 +90,7 @@ def compare_steps(x0_hat, reference, timesteps) -> StepComparison:
         raise ConfigError(f"{x0_hat.shape[0]} steps but {len(timesteps)} timesteps")
     r2 = torch.stack([r2_score(a, b) for a, b in zip(x0_hat, reference)])  # [S, N]
     err = torch.stack([mse(a, b) for a, b in zip(x0_hat, reference)])  # [S, N]
-    return StepComparison([int(t) for t in timesteps], r2, err)
+    return StepComparison([str(t) for t in timesteps], r2, err)
 
 
 def own_trajectory_comparison(model, reference) -> StepComparison:
@@ -96,17 +98,17 @@ def own_trajectory_comparison(model, reference) -> StepComparison:
     for name, traj in (("model", model), ("reference", reference)):
         if traj.x0_hat is None:
             raise ConfigError(f"the {name} trajectory has no per-step x0_hat; sample with return_trajectory=True")
-    if list(model.timesteps) != list(reference.timesteps):
-        raise ConfigError(f"the trajectories visit different timesteps: {model.timesteps} vs {reference.timesteps}")
+    if list(model.keys) != list(reference.keys):
+        raise ConfigError(f"the trajectories visit different levels: {model.keys} vs {reference.keys}")
     if model.xt is not None and reference.xt is not None and not torch.equal(model.xt[0], reference.xt[0]):
         raise ConfigError("the trajectories start from different initial noise; use the same seed or init_noise")
-    return compare_steps(model.x0_hat, reference.x0_hat, model.timesteps)
+    return compare_steps(model.x0_hat, reference.x0_hat, model.keys)
 
 
 def reference_on_trajectory(reference: Callable[[torch.Tensor, int], torch.Tensor], traj, *,
                             batch_size: int | None = None, progress: bool = False,
                             desc: str = "single step") -> torch.Tensor:
-    """``reference(x_t, t)`` at every step's x_t of ``traj`` -> [S, N, C, H, W] float32 on the CPU."""
+    """``reference(x_t, level)`` at every step's x_t and level of ``traj`` -> [S, N, C, H, W] float32 on the CPU."""
     if traj.xt is None:
         raise ConfigError("the trajectory has no per-step x_t; sample with return_trajectory=True")
     device = getattr(reference, "device", torch.device("cpu"))
@@ -114,10 +116,10 @@ def reference_on_trajectory(reference: Callable[[torch.Tensor, int], torch.Tenso
     bs = N if batch_size is None else max(1, int(batch_size))
     out = torch.empty(traj.xt.shape, dtype=torch.float32)
     with torch.no_grad():
-        for s, t in enumerate(tqdm(traj.timesteps, desc=desc, unit="step", disable=not progress, leave=False)):
+        for s, t in enumerate(tqdm(traj.steps, desc=desc, unit="step", disable=not progress, leave=False)):
             for start in range(0, N, bs):
                 x = traj.xt[s, start:start + bs].to(device)
-                out[s, start:start + bs] = reference(x, int(t)).detach().to("cpu", torch.float32)
+                out[s, start:start + bs] = reference(x, t).detach().to("cpu", torch.float32)
     return out
 
 
@@ -128,7 +130,7 @@ def single_step_comparison(traj, reference, *, batch_size: int | None = None,
     Returns the comparison and the reference's outputs [S, N, C, H, W].
     """
     ref = reference_on_trajectory(reference, traj, batch_size=batch_size, progress=progress)
-    return compare_steps(traj.x0_hat, ref, traj.timesteps), ref
+    return compare_steps(traj.x0_hat, ref, traj.keys), ref
 
 
 # -- memorisation: distance to the nearest training image -------------------------------------

@@ -26,7 +26,7 @@ from typing import Callable, Literal
 import torch
 
 from .errors import ConfigError
-from .schedules import DEFAULT_SCHEDULE, NoiseLevel, NoiseSchedule, Schedule
+from .schedules import DEFAULT_SCHEDULE, NoiseLevel, NoiseSchedule, Schedule, level_key
 
 SAMPLERS = ("ddim", "ddpm", "euler", "heun")
 SamplerName = Literal["ddim", "ddpm", "euler", "heun"]
@@ -100,7 +100,7 @@ class Grid:
 
     def keys(self) -> list[str]:
         """One label per step for records: the timestep (``"900"``) or the sigma (``"s=1.234"``)."""
-        return [str(lv.t) if lv.t is not None else f"s={lv.sigma:.6g}" for lv in self.levels]
+        return [level_key(lv) for lv in self.levels]
 
     def record(self) -> dict:
         return {**self.sampler.record(), "schedule": self.schedule.record(), "snapped": self.snapped,

@@ -326,6 +326,14 @@ def schedule_named(name: str | NoiseSchedule) -> NoiseSchedule:
     return SCHEDULES[name]()
 
 
+def level_key(t) -> str:
+    """A step's key in records: ``"500"`` for a timestep (or a level that has one), ``"s=1.234"`` for a
+    continuous level."""
+    if isinstance(t, NoiseLevel):
+        return str(t.t) if t.t is not None else f"s={t.sigma:.6g}"
+    return str(int(t))
+
+
 def add_noise(x0: torch.Tensor, t, noise: torch.Tensor, schedule: NoiseSchedule = DEFAULT_SCHEDULE) -> torch.Tensor:
     """The forward process on clean images ``x0`` [B, C, H, W] (data scale [-1, 1]) at level ``t`` (a timestep
     of ``schedule`` or a :class:`NoiseLevel`): ``x_t = a x0 + sqrt(b2) noise``."""
@@ -340,4 +348,4 @@ def _integer_dtype(dtype) -> bool:
 
 
 __all__ = ["NoiseLevel", "NoiseSchedule", "Schedule", "DDPMSchedule", "ContinuousSchedule", "DEFAULT_SCHEDULE",
-           "SCHEDULES", "schedule_named", "add_noise"]
+           "SCHEDULES", "schedule_named", "add_noise", "level_key"]

@@ -13,6 +13,7 @@ over its output channels unless ``out_channel`` picks one; fields keep one map p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -21,6 +22,7 @@ import torch
 
 from .distributed import tqdm
 from .errors import ConfigError
+from .schedules import NoiseLevel, level_key
 
 Pixel = tuple[int, int]
 
@@ -108,8 +110,9 @@ def _rows_autograd(den, x_t, t, index, rows_per_pass, per_pass=None):
     return out
 
 
-def draw_noisy(data, t: int, draws: int, generator: torch.Generator, schedule) -> torch.Tensor:
-    """``draws`` samples of x_t [D, C, H, W]: held-out images (without replacement) through q(x_t | x0)."""
+def draw_noisy(data, t, draws: int, generator: torch.Generator, schedule) -> torch.Tensor:
+    """``draws`` samples of x_t [D, C, H, W] at the level ``t``: held-out images (without replacement) through
+    q(x_t | x0)."""
     idx = torch.randperm(len(data), generator=generator)[:draws]
     if len(idx) < draws:  # fewer images than draws: cycle through them again
         idx = idx.repeat((draws + len(idx) - 1) // len(idx))[:draws]
@@ -119,48 +122,67 @@ def draw_noisy(data, t: int, draws: int, generator: torch.Generator, schedule) -
 
 @dataclass
 class Fields:
-    """Sensitivity fields of one denoiser: ``mean`` and ``abs_mean`` are [T, P, C, H, W]."""
+    """Sensitivity fields of one denoiser: ``mean`` and ``abs_mean`` are [T, P, C, H, W] at the levels
+    ``timesteps`` (integer timesteps as given, or the keys of continuous levels, ``"s=1.23"``) of noise-to-signal
+    ratios ``sigmas``."""
 
     mean: torch.Tensor
     abs_mean: torch.Tensor
-    timesteps: list[int]
+    timesteps: list
     pixels: list[Pixel]
     draws: int
     method: str
     extra: dict = field(default_factory=dict)
+    sigmas: list[float] = field(default_factory=list)
+
+
+def draw_seed(seed: int, level: NoiseLevel) -> int:
+    """The seed of the field draws at ``level``: ``seed * 1000 + t`` for a timestep (as before), else a
+    deterministic integer of its sigma, so every model analysed with the same seed sees the same x_t."""
+    if level.t is not None:
+        return int(seed) * 1000 + level.t
+    return int(seed) * 1000 + 10 ** 6 + int(round(math.log(level.sigma) * 1e6)) % (2 ** 30)
 
 
 def sensitivity_fields(den, data, pixels="center", timesteps: Sequence[int] = (100, 300, 500, 700, 900),
                        draws: int = 16, seed: int = 0, *, method: str = "auto", out_channel=None,
                        rows_per_pass: int = 64, progress: bool = True) -> Fields:
-    """Average Jacobian rows of ``den`` over ``draws`` noisy held-out images from ``data`` per timestep.
+    """Average Jacobian rows of ``den`` over ``draws`` noisy held-out images from ``data`` (a dataset, or
+    images as an array, as ``make_denoiser`` takes them) per level of ``timesteps`` (timesteps of the
+    denoiser's schedule, or NoiseLevels).
 
-    The draws depend only on ``seed`` and t, so every denoiser analysed with the same seed sees the
+    The draws depend only on ``seed`` and the level, so every denoiser analysed with the same seed sees the
     same x_t (a fair comparison). Input-independent closed forms (Wiener) use one evaluation.
     """
+    from .data import as_dataset
+
     if draws < 1:
         raise ConfigError(f"draws must be positive, got {draws}")
+    data = as_dataset(data, what="the held-out images the field draws come from")
     shape = tuple(data.shape)
     if tuple(den.shape) != shape:
         raise ConfigError(f"held-out data shape {shape} does not match the denoiser's {den.shape}")
     pix = parse_pixels(pixels, shape)
-    ts = [den.schedule.check_t(t) for t in timesteps]
+    levels = [den.schedule.at(t) for t in timesteps]  # validated here, once
+    ts = [t if isinstance(t, NoiseLevel) and t.t is None else lv.t for t, lv in zip(timesteps, levels)]
+    ts = [level_key(t) if isinstance(t, NoiseLevel) else t for t in ts]
     caps = den.capabilities
-    unfitted = [t for t in ts if not caps.accepts(t)]
+    unfitted = [str(lv.t) for lv in levels if lv.t is not None and not caps.accepts(lv)]
     if unfitted:
         raise ConfigError(f"model '{den.name}' was fitted at timesteps {', '.join(map(str, caps.fitted_timesteps))} "
-                          f"only, not at {', '.join(map(str, unfitted))}")
+                          f"only, not at {', '.join(unfitted)}")
     resolved = method if method != "auto" else ("closed" if caps.closed_form_jacobian else "autograd")
     input_free = resolved == "closed" and caps.constant_jacobian
     means, abss = [], []
-    for t in tqdm(ts, desc=f"fields {den.name}", unit="t", disable=not progress, leave=False):
-        gen = torch.Generator().manual_seed(int(seed) * 1000 + t)
-        x_t = draw_noisy(data, t, 1 if input_free else draws, gen, den.schedule)
-        rows = jacobian_rows(den, x_t, t, pix, method=resolved, out_channel=out_channel,
+    for level in tqdm(levels, desc=f"fields {den.name}", unit="t", disable=not progress, leave=False):
+        gen = torch.Generator().manual_seed(draw_seed(seed, level))
+        x_t = draw_noisy(data, level, 1 if input_free else draws, gen, den.schedule)
+        rows = jacobian_rows(den, x_t, level, pix, method=resolved, out_channel=out_channel,
                              rows_per_pass=rows_per_pass)  # [D, P, C, H, W]
         means.append(rows.mean(0))
         abss.append(rows.abs().mean(0))
-    return Fields(torch.stack(means), torch.stack(abss), ts, pix, draws, resolved)
+    return Fields(torch.stack(means), torch.stack(abss), ts, pix, draws, resolved,
+                  sigmas=[lv.sigma for lv in levels])
 
 
 def full_jacobian(den, x_t: torch.Tensor, t: int, *, method: str = "auto", rows_per_pass: int = 256,

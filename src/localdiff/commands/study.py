@@ -24,10 +24,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 
 from ..errors import ConfigError
-from .common import command_line, load_held_out, model_options, name_list, new_run_dir, timestep_list, versions
+from .common import (add_sampling_args, command_line, load_held_out, model_options, name_list, new_run_dir, of_class,
+                     timestep_list, versions)
 
 
 def register(subparsers) -> None:
@@ -56,9 +56,13 @@ def register(subparsers) -> None:
     m.add_argument("--models", default=None,
                    help="comma-separated analytical models, or 'all' (default on a CPU: wiener,optimal,nearest,"
                         "masked,ls,scfdm; on CUDA: all)")
-    m.add_argument("--unet", metavar="DIR", default=None,
-                   help="the U-Net to compare with: a diffusers UNet2DModel directory (default: the weights "
-                        "shipped for the dataset)")
+    m.add_argument("--unet", metavar="PATH", default=None,
+                   help="the network to compare with: a diffusers UNet2DModel directory, the paper's .pt checkpoint, "
+                        "an EDM .pkl snapshot or a convert-network .safetensors (default: the weights shipped for the "
+                        "dataset)")
+    m.add_argument("--class-label", type=int, default=None, metavar="K",
+                   help="for a class-conditional network: study class K (the analytical models are fitted on the "
+                        "training images of class K, the fields drawn from its held-out images)")
     m.add_argument("--no-unet", action="store_true", help="no U-Net: skip every comparison with it (no R²)")
     m.add_argument("--allow-foreign-unet", action="store_true",
                    help="compare with a U-Net whose manifest names other training data (refused otherwise)")
@@ -70,7 +74,7 @@ def register(subparsers) -> None:
     m.add_argument("--num", type=int, default=None, help="samples per model (default 8 on a CPU, 64 on CUDA)")
     m.add_argument("--steps", type=int, default=None, help="sampling steps (default 10)")
     m.add_argument("--seed", type=int, default=None, help="seed of the noise (default 0)")
-    m.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default ddim")
+    add_sampling_args(m, defaults=False)
     m.add_argument("--batch-size", type=int, default=None, help="denoise this many samples at a time")
     f = p.add_argument_group("fields and memorisation")
     f.add_argument("--field-models", default=None,
@@ -102,9 +106,11 @@ def build_config(args, device):
         if "unet" in models and args.no_unet:
             raise ConfigError("--models names unet but --no-unet is given")
     for key in ("num", "steps", "seed", "sampler", "batch_size", "subset", "data_seed", "field_draws", "held_out",
-                "reference_check"):
+                "reference_check", "schedule", "sigma_min", "sigma_max"):
         if getattr(args, key) is not None:
             given[key] = getattr(args, key)
+    if args.s_churn:
+        given["s_churn"] = args.s_churn
     if args.field_models is not None:
         given["field_models"] = () if args.field_models.strip().lower() == "none" else \
             tuple(name_list(args.field_models, "--field-models"))
@@ -127,85 +133,6 @@ def default_out(dataset: str) -> Path:
     return out
 
 
-def write_results(results, data, tmp: Path, *, command: str) -> dict:
-    """metrics.json, samples.npz, fields.npz, the PNG figures and report.html into ``tmp``."""
-    import torch
-
-    from ..fileio import write_bytes, write_json, write_npz
-    from ..report import save_grid
-    from ..report.figures import (
-        field_scales,
-        plot_fields,
-        plot_final_r2,
-        plot_nearest_distances,
-        plot_nearest_pairs,
-        plot_per_step,
-        plot_sample_rows,
-        plot_spectrum,
-        save_figure,
-    )
-    from ..report.html import study_report
-
-    metrics = {"command": command, "versions": versions(), **results.metrics()}
-    runs = results.runs
-    arrays = {"timesteps": np.asarray(results.timesteps, np.int64), "init_noise": results.init_noise.numpy()}
-    for name, run in runs.items():
-        arrays[f"{name}/samples"] = run.samples.numpy()
-        arrays[f"{name}/x0_hat"] = run.trajectory.x0_hat.numpy()
-        arrays[f"{name}/xt"] = run.trajectory.xt.numpy()
-        if run.single_ref is not None:  # the U-Net on this model's x_t: single-step values are recomputable
-            arrays[f"{name}/unet_single_step"] = run.single_ref.numpy()
-    write_npz(tmp / "samples.npz", **arrays)
-    with_fields = {n: r.fields for n, r in runs.items() if r.fields is not None}
-    if with_fields:
-        first = next(iter(with_fields.values()))
-        f_arrays = {"timesteps": np.asarray(first.timesteps, np.int64), "pixels": np.asarray(first.pixels, np.int64)}
-        for name, fl in with_fields.items():
-            f_arrays[name] = fl.mean.numpy().astype(np.float32)
-            f_arrays[f"{name}_abs"] = fl.abs_mean.numpy().astype(np.float32)
-        write_npz(tmp / "fields.npz", **f_arrays)
-
-    figures: dict = {}
-    compared = [n for n in results.compared if runs[n].own is not None]
-    if compared:
-        r2 = {n: {"own_trajectory": runs[n].own.mean_r2(), "single_step": runs[n].single.mean_r2()} for n in compared}
-        err = {n: {"own_trajectory": runs[n].own.mean_mse(), "single_step": runs[n].single.mean_mse()}
-               for n in compared}
-        figures["r2_per_step"] = plot_per_step(r2, results.timesteps, ylabel="R² vs U-Net")
-        figures["mse_per_step"] = plot_per_step(err, results.timesteps, ylabel="MSE vs U-Net", floor=None, log=True)
-        figures["final_r2"] = plot_final_r2({n: runs[n].final()["r2_per_sample"] for n in compared})
-    figures["samples"] = plot_sample_rows({n: r.samples for n, r in runs.items()})
-    if with_fields:
-        figures["fields"] = plot_fields(with_fields, 0)
-        metrics["field_scales"] = {str(t): v for t, v in field_scales(with_fields, 0).items()}
-        for pi in range(1, min(len(first.pixels), 8)):
-            save_figure(plot_fields(with_fields, pi), tmp / f"fields_pixel{pi}.png")
-    figures["nearest_distances"] = plot_nearest_distances(
-        {n: r.nearest.distance.numpy() for n, r in runs.items()},
-        reference=("held-out test images", results.held_out_nearest.distance.numpy()))
-    pairs = {}
-    for n, r in runs.items():
-        idx = r.nearest.index[:8].tolist()
-        near = r.nearest.image  # the images themselves: in a torchrun job another rank may hold them
-        pairs[n] = (r.samples[:8], near[:8] if near is not None else torch.stack([data[i] for i in idx]))
-    figures["nearest_pairs"] = plot_nearest_pairs(pairs)
-    figures["spectrum"] = plot_spectrum(results.eigvals)
-    images = {}
-    for key, fig in figures.items():
-        save_figure(fig, tmp / f"{key}.png")
-        images[key] = (tmp / f"{key}.png").read_bytes()
-    grids = {}
-    for n, r in runs.items():
-        save_grid(r.samples, tmp / f"grid_{n}.png", nrow=min(8, r.samples.shape[0]))
-        grids[n] = (tmp / f"grid_{n}.png").read_bytes()
-
-    metrics["files"] = sorted(p.name for p in tmp.iterdir() if not p.name.startswith(".")) + \
-        ["metrics.json", "report.html"]
-    write_json(tmp / "metrics.json", metrics)
-    write_bytes(tmp / "report.html", study_report(metrics, images, grids).encode("utf-8"))
-    return metrics
-
-
 def summary_line(results, out: Path, seconds: float) -> str:
     """The one line printed at the end: what the paired comparison supports (a model closest to the U-Net
     only where every interval excludes 0, else a tie), and where the report is."""
@@ -221,6 +148,7 @@ def run(args) -> int:
     from ..data import load_dataset
     from ..data.shards import shard_dataset
     from ..device import resolve_device
+    from ..report.study_files import write_study
     from ..study import REFERENCE, ReferenceUnavailable, run_study
 
     device = resolve_device(args.device)
@@ -235,14 +163,17 @@ def run(args) -> int:
         if args.no_unet:
             raise ConfigError("--allow-foreign-unet and --no-unet contradict each other; give one")
         opts[REFERENCE]["allow_foreign"] = True
+    if args.class_label is not None and not args.no_unet:
+        opts[REFERENCE]["class_label"] = args.class_label
     source = args.data or args.dataset or "mnist"
     out = Path(args.out) if args.out else default_out(source)
     t0 = time.perf_counter()
     with new_run_dir(out) as tmp:
         load = {"resolution": args.resolution, "channels": args.channels, "max_bytes": args.max_data_bytes}
-        data = shard_dataset(load_dataset(source, split=args.split, **load))  # a torchrun job: this rank's shard
-        held_out = load_held_out(lambda s: load_dataset(source, split=s, **load), args.held_out_split,
-                                 "for the fields and the memorisation yardstick")
+        data = shard_dataset(of_class(load_dataset(source, split=args.split, **load), args.class_label))  # a
+        # torchrun job: this rank's shard
+        held_out = load_held_out(lambda s: of_class(load_dataset(source, split=s, **load), args.class_label),
+                                 args.held_out_split, "for the fields and the memorisation yardstick")
         try:
             results = run_study(data, held_out, config, options={k: v for k, v in opts.items() if v},
                                 progress=not args.no_progress)
@@ -251,7 +182,7 @@ def run(args) -> int:
                 f"{exc}\nFix: pass a trained network with --unet DIR (train one with `localdiff train-unet "
                 f"--dataset {source} --config small --steps 3000 --out runs/unet-{Path(source).name}`), or skip "
                 "the U-Net comparisons with --no-unet.") from exc
-        write_results(results, data, tmp, command=command_line())
+        write_study(results, data, tmp, command=command_line(), versions=versions())
     for w in results.warnings:
         print(f"localdiff study: warning: {w}", file=sys.stderr)
     print(summary_line(results, out, time.perf_counter() - t0))

@@ -13,12 +13,19 @@ import numpy as np  # noqa: E402
 from ..fileio import write_bytes  # noqa: E402
 
 
-def save_figure(fig, path) -> None:
-    """Write a matplotlib figure as PNG atomically, then close it."""
+def figure_png(fig) -> bytes:
+    """A matplotlib figure rendered once, in memory, as PNG bytes; the figure is closed."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_figure(fig, path) -> bytes:
+    """Write a matplotlib figure as PNG atomically (and close it); returns the PNG bytes written."""
+    png = figure_png(fig)
+    write_bytes(path, png)
+    return png
 
 
 def field_panels(fields_by_model: dict, pixel_index: int = 0, *, use_abs: bool = False) -> dict:
@@ -27,19 +34,26 @@ def field_panels(fields_by_model: dict, pixel_index: int = 0, *, use_abs: bool =
             for name, f in fields_by_model.items()}
 
 
-def field_scales(fields_by_model: dict, pixel_index: int = 0, *, use_abs: bool = False) -> dict[int, float]:
-    """The colour scale of each row of :func:`plot_fields`: ``{t: max |field|}`` over the models."""
+def field_scales(fields_by_model: dict, pixel_index: int = 0, *, use_abs: bool = False) -> dict[str, dict[str, float]]:
+    """The colour scale of each panel of :func:`plot_fields`: ``{t: {model: max |field|}}``."""
     panels = field_panels(fields_by_model, pixel_index, use_abs=use_abs)
     ts = next(iter(fields_by_model.values())).timesteps
-    return {int(t): float(max(np.abs(p[ti]).max() for p in panels.values())) for ti, t in enumerate(ts)}
+    return {str(t): {name: float(np.abs(p[ti]).max()) for name, p in panels.items()} for ti, t in enumerate(ts)}
+
+
+def level_label(t) -> str:
+    """``t = 500`` for a timestep, ``σ = 1.23`` for a continuous level's key (``"s=1.23"``)."""
+    return f"σ = {t[2:]}" if isinstance(t, str) and t.startswith("s=") else f"t = {t}"
 
 
 def plot_fields(fields_by_model: dict, pixel_index: int = 0, *, title: str | None = None, use_abs: bool = False):
     """One panel per (timestep, model): rows are timesteps, columns are models, the output pixel is marked.
 
-    Each row shares one symmetric colour scale (a diverging map centred on zero, with its colour bar),
-    so the models are compared at the same noise level; rows have their own scales because field
-    magnitudes differ by orders of magnitude across noise levels (:func:`field_scales` gives them).
+    Every panel has its own symmetric colour scale (a diverging map centred on zero), printed in its corner
+    as the largest |value|, so every field is readable whatever its magnitude: fields differ by orders of
+    magnitude across noise levels and between models (the optimal denoiser's are nearly zero where it has
+    memorised one image); compare shapes within a row and magnitudes by the printed scales
+    (:func:`field_scales` gives them).
     """
     models = list(fields_by_model)
     first = fields_by_model[models[0]]
@@ -48,24 +62,26 @@ def plot_fields(fields_by_model: dict, pixel_index: int = 0, *, title: str | Non
     scales = field_scales(fields_by_model, pixel_index, use_abs=use_abs)
     fig, axes = plt.subplots(len(ts), len(models), figsize=(1.75 * len(models) + 1.2, 1.75 * len(ts) + 0.6),
                              squeeze=False, layout="constrained")
+    im = None
     for ti, t in enumerate(ts):
-        lim = scales[int(t)] or 1.0
-        im = None
         for mi, name in enumerate(models):
             ax = axes[ti, mi]
-            im = ax.imshow(panels[name][ti], cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+            lim = scales[str(t)][name]
+            im = ax.imshow(panels[name][ti] / (lim or 1.0), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
             ax.plot(pixel[1], pixel[0], marker="+", color="black", markersize=6, mew=1.0)
+            ax.text(0.02, 0.02, f"±{lim:.2g}", transform=ax.transAxes, fontsize=6.5, va="bottom", ha="left",
+                    bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.75))
             ax.set_xticks([])
             ax.set_yticks([])
             if ti == 0:
                 ax.set_title(name, fontsize=9, color=model_colour(name))
             if mi == 0:
-                ax.set_ylabel(f"t = {t}", fontsize=9)
-        cb = fig.colorbar(im, ax=axes[ti, :].tolist(), shrink=0.9, pad=0.02, aspect=12)
-        cb.ax.tick_params(labelsize=7)
-        cb.formatter.set_powerlimits((-2, 3))
+                ax.set_ylabel(level_label(t), fontsize=9)
+    cb = fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, pad=0.02, aspect=24)
+    cb.ax.tick_params(labelsize=7)
+    cb.set_label("field / its panel's max |value| (printed ± in each panel)", fontsize=7)
     fig.suptitle(title or f"sensitivity field of pixel {pixel} ({'mean |dx0/dxt|' if use_abs else 'mean dx0/dxt'});"
-                          " one colour scale per row", fontsize=10)
+                          " each panel on its own symmetric scale", fontsize=10)
     return fig
 
 
@@ -99,13 +115,15 @@ def _colours(names):
 
 def plot_per_step(curves: dict, timesteps, *, ylabel: str = "R² vs U-Net", modes=tuple(MODE_TITLES),
                   floor: float | None = -1.0, log: bool = False):
-    """One panel per comparison mode: ``curves[model][mode]`` (one value per timestep) against the timestep.
+    """One panel per comparison mode: ``curves[model][mode]`` (one value per step) against the timestep (ints)
+    or the noise level sigma (floats, a log axis).
 
     The x axis runs from the noisiest step to the last, as sampling does. With ``floor``, values below
     it are drawn at the floor (marked with a triangle) so one very negative R² does not squash the rest.
     """
     names = list(curves)
     colours = _colours(names)
+    sigma_axis = any(isinstance(t, float) for t in timesteps)  # continuous levels: sigma on a log axis
     ts = list(timesteps)
     fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 3.6), squeeze=False, sharey=True)
     clipped = False
@@ -121,8 +139,13 @@ def plot_per_step(curves: dict, timesteps, *, ylabel: str = "R² vs U-Net", mode
                 clipped = True
                 ax.plot(np.asarray(ts)[y < floor], np.full(int((y < floor).sum()), floor), "v", color=colours[name],
                         markersize=7)
-        ax.set_xlim(max(ts) + 0.03 * (max(ts) - min(ts) or 1), min(ts) - 0.03 * (max(ts) - min(ts) or 1))
-        ax.set_xlabel("timestep t (sampling runs left to right)")
+        if sigma_axis:
+            ax.set_xscale("log")
+            ax.set_xlim(max(ts) * 1.3, min(ts) / 1.3)
+            ax.set_xlabel("noise level σ (sampling runs left to right)")
+        else:
+            ax.set_xlim(max(ts) + 0.03 * (max(ts) - min(ts) or 1), min(ts) - 0.03 * (max(ts) - min(ts) or 1))
+            ax.set_xlabel("timestep t (sampling runs left to right)")
         ax.set_title(MODE_TITLES.get(mode, mode), fontsize=10)
         ax.grid(alpha=0.3)
         if log:

@@ -38,8 +38,15 @@ def image_grid(images, *, nrow: int | None = None, pad: int = 2, min_cell: int =
     return Image.fromarray(canvas)
 
 
-def save_grid(images, path, **kwargs) -> None:
-    """Write :func:`image_grid` to ``path`` as PNG, atomically."""
+def grid_png(images, **kwargs) -> bytes:
+    """:func:`image_grid` as PNG bytes, in memory."""
     buf = io.BytesIO()
     image_grid(images, **kwargs).save(buf, format="PNG")
-    write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_grid(images, path, **kwargs) -> bytes:
+    """Write :func:`image_grid` to ``path`` as PNG, atomically; returns the PNG bytes written."""
+    png = grid_png(images, **kwargs)
+    write_bytes(path, png)
+    return png

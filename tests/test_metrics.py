@@ -79,7 +79,7 @@ def test_own_trajectory_compares_step_by_step_and_checks_inputs():
     ref = _traj([noise, imgs([7, 7, 7], [7, 7, 7])], [Y, Y], [900, 0])  # the reference drifts elsewhere: fine
     comp = own_trajectory_comparison(model, ref)
     assert comp.mean_r2() == pytest.approx([0.125, 1.0])
-    with pytest.raises(ConfigError, match="different timesteps"):
+    with pytest.raises(ConfigError, match="different levels"):
         own_trajectory_comparison(model, _traj([noise, noise], [Y, Y], [800, 0]))
     with pytest.raises(ConfigError, match="initial noise"):
         own_trajectory_comparison(model, _traj([noise + 1, noise], [Y, Y], [900, 0]))

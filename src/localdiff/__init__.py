@@ -6,9 +6,10 @@ from .data import ImageDataset, load_dataset
 from .denoisers import Capabilities, Denoiser, available_models, make_denoiser
 from .diffusion import DEFAULT_SCHEDULE, Schedule, Trajectory, sample
 from .metrics import r2_score
+from .probe import probe
 from .sensitivity import sensitivity_fields
 from .stats import data_spectrum
 
 __all__ = ["__version__", "ImageDataset", "load_dataset", "Denoiser", "Capabilities", "make_denoiser",
            "available_models", "sample", "sensitivity_fields", "data_spectrum", "r2_score", "Schedule",
-           "DEFAULT_SCHEDULE", "Trajectory"]
+           "DEFAULT_SCHEDULE", "Trajectory", "probe"]

@@ -10,7 +10,8 @@ from the spectrum, and every pixel's field is summarised with vectorised tensor 
 - *extent* ``r90`` (and ``r50``): the smallest Euclidean distance r from p (pixel centres) such that the
   positions within r hold at least 90% (50%) of the mass; a field that is zero everywhere has none (NaN);
   the *energy extent* ``energy_r90`` is the same radius for the energy ``sum_c' F_p[c', q]^2`` instead of
-  the mass (the r90 of docs/DESIGN.md §3 and of ``localdiff fields``). The mass counts the field's long
+  the mass (the r90 of docs/DESIGN.md §3 and of ``localdiff fields``). A field whose mass is below
+  ``1e-9`` of the level's largest is taken as zero (a pixel that never varies, up to round-off). The mass counts the field's long
   tail of small values at full weight, the energy hardly at all: on MNIST at t = 100 the median
   ``r90`` is 20 px while the median ``energy_r90`` is 1.4 px;
 - *anisotropy*: the mass-weighted second moments about p, ``M = sum_q m_p[q] d d^T / sum_q m_p[q]`` with
@@ -43,12 +44,14 @@ from ..stats import Spectrum
 from .levels import Level
 
 EXTENT_FRACTION = 0.9
+ZERO_FIELD = 1e-9  # a field with less mass than this share of the level's largest one is zero (round-off)
 DEFINITIONS = {
     "field": "F_p[c', q] = mean over output channels c of J_t[(c, p), (c', q)], J_t the exact Wiener Jacobian "
              "(docs/DESIGN.md §2.1); one channel: row p of J_t",
     "mass": "m_p[q] = sum over input channels c' of |F_p[c', q]|",
     "extent": "r90: smallest Euclidean distance r (pixels, between pixel centres) from p such that the positions "
-              "within r hold >= 90% of the mass m_p (r50: 50%); NaN where the field is zero",
+              "within r hold >= 90% of the mass m_p (r50: 50%); NaN (null) where the field is zero (its mass below "
+              "1e-9 of the level's largest: a pixel that never varies)",
     "energy_extent": "energy_r90: the same radius for the energy sum over c' of F_p[c', q]^2 (the r90 of "
                      "docs/DESIGN.md §3 and of `localdiff fields`)",
     "anisotropy": "mass-weighted second moments about p, M = sum_q m_p[q] d d^T / sum_q m_p[q], d = (column offset, "
@@ -179,6 +182,9 @@ def level_fields(spec: Spectrum, shape: tuple[int, int, int], level: Level, tau:
     del J
     mass = F.abs().sum(dim=1).cpu()  # [P, P]
     energy = F.square().sum(dim=1).cpu()  # [P, P]
+    total = mass.sum(dim=1)
+    zero = total <= ZERO_FIELD * total.max()  # a constant pixel's field, up to the eigendecomposition's round-off
+    mass[zero], energy[zero] = 0.0, 0.0
     display = F.sum(dim=1).to("cpu", torch.float32)  # [P, P]
     del F
     ratio, angle = second_moments(mass, geo)

@@ -59,6 +59,7 @@ class DatasetProbe:
     held_out: dict
     memorisation: dict | None
     errors: dict[str, np.ndarray] = field(default_factory=dict)  # "<size>/<model>": per-image MSE [T, M]
+    receptive_notes: dict[str, str] = field(default_factory=dict)  # configs that do not fit the images, and why
     seconds: dict = field(default_factory=dict)
 
     @property
@@ -197,7 +198,8 @@ def _datasets(item, held, *, subset, seed, split) -> tuple[ImageDataset, ImageDa
             if subset is not None:
                 train = train.subset(subset, seed)
             return train, whole.select(te, note="probe: held out"), {
-                "split": None, "rule": f"images in memory without a split: {SPLIT_RULE}; the rest is the training set"}
+                "split": None, "rule": f"images in memory without a split: {SPLIT_RULE}; the rest is the training set",
+                "overlaps_training": False}
         train = item if isinstance(item, ImageDataset) else load_dataset(item)
         if subset is not None:
             train = train.subset(subset, seed)
@@ -286,15 +288,19 @@ def _probe_one(label, item, held, levels, *, tau, unet_configs, unet, allow_fore
     tau_value, rule = (float(tau), "given") if tau is not None else default_tau(shape)
     lfs = fieldmod.probe_fields(spec.to(device), shape, levels, tau_value, progress=progress, desc=f"fields {label}")
     secs["fields"] = time.perf_counter() - t0
-    rfs = {}
+    rfs, rf_notes = {}, {}
     for cfg in unet_configs:
-        rf = receptive_field(cfg, shape)
-        rfs[rf.name if isinstance(cfg, str) else str(cfg)] = rf
+        name = cfg if isinstance(cfg, str) else type(cfg).__name__
+        try:
+            rfs[name] = receptive_field(cfg, shape)
+        except ConfigError as exc:  # e.g. 'paper' on images whose size its down-sampling cannot halve
+            rf_notes[name] = str(exc)
     memo, errors, held_rec = None, {}, {**held_rule}
     if held_set is not None:
         from ..reference import overlapping
 
-        held_rec.update(dataset=held_set.describe(), overlaps_training=overlapping(train, held_set))
+        held_rec["dataset"] = held_set.describe()
+        held_rec.setdefault("overlaps_training", overlapping(train, held_set))
     if memorise:
         t0 = time.perf_counter()
         n_img = min(held_out_num, len(held_set))
@@ -315,7 +321,7 @@ def _probe_one(label, item, held, levels, *, tau, unet_configs, unet, allow_fore
         secs["memorisation"] = time.perf_counter() - t0
     return DatasetProbe(label, train, spec, specmod.summarize_spectrum(spec),
                         specmod.principal_components(spec, shape, components), lfs, tau_value, rule, rfs,
-                        held_rec, memo, errors, secs)
+                        held_rec, memo, errors, rf_notes, secs)
 
 
 def dataset_record(d: DatasetProbe, levels: Sequence[Level]) -> dict:
@@ -339,6 +345,7 @@ def dataset_record(d: DatasetProbe, levels: Sequence[Level]) -> dict:
     return {"dataset": d.data.describe(), "shape": list(d.shape), "held_out": d.held_out,
             "tau": {"value": d.tau, "rule": d.tau_rule}, "spectrum": d.summary.record(),
             "receptive_fields": {k: rf.record() for k, rf in d.receptive.items()},
+            "receptive_fields_unavailable": d.receptive_notes,
             "levels": per_level, "maps": maps,
             "sample_fields": {"pixels": [list(p) for p in pixels], "what": "display field (sum over input channels), "
                               "[H][W] per pixel, float32 values to 7 digits", "fields": samples},

@@ -253,6 +253,24 @@ def test_nested_subset_spectra_equal_each_subsets_own():
         assert torch.allclose(spec.mean, ref.mean, atol=1e-12)
 
 
+def test_one_pass_over_the_nested_subsets_equals_the_optimal_denoiser_of_each():
+    from localdiff import make_denoiser
+    from localdiff.calibrate_masked import per_image_mse
+    from localdiff.evaluate import noisy_draws
+    from localdiff.probe.memorisation import nested_optimal
+
+    data = load_dataset("digits")
+    images = load_dataset("digits", split="test").subset(15, seed=2).tensor()
+    levels = noise_levels([900, 300, 10, 0])
+    x_t = dict(noisy_draws(images, [lv.t for lv in levels], torch.Generator().manual_seed(1)))
+    sizes = [100, 359, 700, len(data)]  # ends inside and at the end of chunks of 128
+    out = nested_optimal(data, sizes, 4, images, x_t, levels, chunk=128, progress=False)
+    for size in sizes:
+        den = make_denoiser("optimal", data.subset(size, seed=4))
+        for lv in levels:
+            assert torch.allclose(out[size][lv.t], per_image_mse(den, x_t[lv.t], images, lv.t), rtol=1e-12, atol=0)
+
+
 def test_horizon_is_the_lowest_level_where_optimal_is_significantly_lower():
     levels = noise_levels([900, 500, 300, 100])
     v = lambda verdict: {"verdict": verdict}  # noqa: E731

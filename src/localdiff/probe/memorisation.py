@@ -9,7 +9,8 @@ paired (:func:`localdiff.paired.compare`): mean of the per-image differences ``o
 
 The training subsets are ``data.subset(size, seed)`` (a seeded permutation's first ``size`` images), so
 they are nested: N/8 inside N/4 inside N/2 inside N. Their moments are accumulated along that
-permutation and merged (``MomentState.merge``), one pass over N/2 images for the three smaller sets.
+permutation and merged (``MomentState.merge``), one pass over N/2 images for the three smaller sets, and
+the optimal denoiser of every size comes from one pass over the N images (:func:`nested_optimal`).
 
 **Memorisation horizon** (at one training-set size): the lowest probed noise level (smallest t) at
 which the optimal denoiser's held-out MSE is below Wiener's with the paired 95% interval entirely
@@ -66,6 +67,43 @@ def nested_spectra(data, sizes: Sequence[int], seed: int, full: Spectrum | None 
     return out
 
 
+def nested_optimal(data, sizes: Sequence[int], seed: int, images: torch.Tensor, x_t: dict[int, torch.Tensor],
+                   levels: Sequence[Level], *, chunk: int = 2048, device: str = "cpu",
+                   progress: bool = True) -> dict[int, dict[int, torch.Tensor]]:
+    """The exact optimal denoiser of every nested subset at once: ``{size: {t: per-image MSE [M]}}``.
+
+    ``data.subset(size, seed)`` is the set of the first ``size`` images of one seeded permutation, so the
+    training set is streamed once in that order (float64, the optimal denoiser's arithmetic, docs/DESIGN.md
+    §2.3) and a running softmax state per level holds every prefix: each size reads the state of the
+    chunks before its end, merged with the part of its last chunk (:class:`SoftmaxState` merges exactly).
+    The same numbers as ``make_denoiser("optimal", data.subset(size, seed))`` at a cost of one pass over N
+    images instead of one per size."""
+    from ..denoisers.empirical import optimal_logits
+    from ..denoisers.softmax import SoftmaxState, merge
+
+    sizes = sorted(sizes)
+    ordered = data.select(np.random.default_rng(seed).permutation(len(data))[:sizes[-1]])  # subset order
+    xs = {lv.t: x_t[lv.t].reshape(len(images), -1).to(device, torch.float64) for lv in levels}  # [M, n]
+    clean = images.reshape(len(images), -1).to(torch.float64)
+    running: dict[int, SoftmaxState | None] = {lv.t: None for lv in levels}
+    out: dict[int, dict[int, torch.Tensor]] = {s: {} for s in sizes}
+    for start in tqdm(range(0, sizes[-1], chunk), desc="optimal, nested sets", unit="chunk", disable=not progress,
+                      leave=False):
+        y = ordered.chunk_at(start, chunk, device=device, dtype=torch.float64, flat=True)  # [k, n]
+        stop, y_sq = start + y.shape[0], (y * y).sum(dim=1)
+        ends = [s for s in sizes if start < s <= stop]  # sizes whose last image is in this chunk
+        for lv in levels:
+            logits = optimal_logits(xs[lv.t], y, y_sq, lv.a, lv.b2)  # [M, k]
+            for s in ends:
+                k = s - start
+                state = SoftmaxState.of(logits, y) if k == y.shape[0] else SoftmaxState.of(logits[:, :k], y[:k])
+                x0 = merge(running[lv.t], state).mean().to("cpu", images.dtype)  # [M, n], as a denoiser returns it
+                out[s][lv.t] = (x0.double() - clean).pow(2).mean(dim=1)
+            if stop < sizes[-1]:
+                running[lv.t] = merge(running[lv.t], SoftmaxState.of(logits, y))
+    return out
+
+
 def _comparison(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str], t: int) -> dict:
     c = compare(a.numpy(), b.numpy(), a=names[0], b=names[1], metric=f"mse_t{t}", lower_is_better=True)
     verdict = f"{names[0]} lower" if c.a_better else f"{names[1]} lower" if c.b_better else "tied"
@@ -98,15 +136,15 @@ def memorisation(data, images: torch.Tensor, levels: Sequence[Level], *, spectru
     n = len(data)
     sizes = subset_sizes(n, divisors)
     spectra = nested_spectra(data, sizes, seed, spectrum, progress=progress)
+    optimal = nested_optimal(data, sizes, seed, images, x_t, levels, device=device, progress=progress)
     per_size, errors_at_n, arrays = {}, {}, {}
     bar = tqdm(total=len(sizes) * len(ts), desc="held-out MSE", unit="level", disable=not progress, leave=False)
     for size in sizes:
-        sub = data.subset(size, seed=seed)
-        dens = {"wiener": make_denoiser("wiener", sub, spectrum=spectra[size], device=device),
-                "optimal": make_denoiser("optimal", sub, device=device)}
+        dens = {"wiener": make_denoiser("wiener", data.subset(size, seed=seed), spectrum=spectra[size], device=device)}
         if size == n and unet is not None:
             dens["unet"] = unet
         err = {name: {} for name in dens}
+        err["optimal"] = optimal[size]
         for t in ts:
             for name, den in dens.items():
                 err[name][t] = per_image_mse(den, x_t[t], images, t, batch_size)
@@ -135,4 +173,4 @@ def memorisation(data, images: torch.Tensor, levels: Sequence[Level], *, spectru
     return out, arrays
 
 
-__all__ = ["memorisation", "horizon", "nested_spectra", "subset_sizes", "SIZE_DIVISORS", "HORIZON_DEFINITION"]
+__all__ = ["memorisation", "horizon", "nested_spectra", "nested_optimal", "subset_sizes", "SIZE_DIVISORS", "HORIZON_DEFINITION"]

@@ -96,6 +96,25 @@ def test_vectorised_radii_equal_brute_force_and_the_energy_radius_of_fields():
             assert energy[p] == energy_radius(f[p].reshape(1, h, w), pix, frac)  # the library's own r90 (§3)
 
 
+def test_colour_fields_and_masks_are_the_wiener_filters_and_the_masked_models(tmp_cache):
+    from localdiff.denoisers.masks import wiener_masks
+    from localdiff.denoisers.wiener import wiener_jacobian
+
+    data = load_dataset("natural-patches", resolution=6, num=800)  # 3 x 6 x 6
+    spec = data_spectrum(data, progress=False)
+    for lv in noise_levels([700, 100]):
+        lf = level_fields(spec, (3, 6, 6), lv, tau=0.05)
+        J = wiener_jacobian(spec, lv.a, lv.b2).numpy()  # [108, 108], row = (c, r, col)
+        M = wiener_masks(spec, lv.a, lv.b2, 0.05).numpy()  # column i = S_i
+        for p in range(36):
+            rows = [c * 36 + p for c in range(3)]
+            field = J[rows].mean(axis=0).reshape(3, 36)  # mean over output channels
+            assert np.allclose(lf.display[p].numpy(), field.sum(axis=0), rtol=1e-5, atol=1e-7)
+            inside = M[:, rows].any(axis=1).reshape(3, 36).any(axis=0)  # any channel, any output channel
+            assert np.array_equal(lf.masks[p].numpy(), inside)
+            assert lf.r90[p].item() == brute_radius(np.abs(field).sum(axis=0).reshape(6, 6), divmod(p, 6), 0.9, 1)
+
+
 def test_second_moments_recover_a_rotated_gaussian():
     h = w = 41
     geo = geometry(h, w)

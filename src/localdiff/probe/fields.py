@@ -1,8 +1,9 @@
 """Every pixel's Wiener sensitivity field, summarised as maps over the image (docs/DESIGN.md §2.1, §2.5, §3).
 
 The Wiener Jacobian ``J_t = U diag(a lam / (a^2 lam + b2)) U^T`` does not depend on the input, so row i is
-the exact field of output pixel i (no noise draws). For one noise level it is computed once in float64
-from the spectrum, and every pixel's field is summarised with vectorised tensor operations:
+the exact field of output pixel i (no noise draws). For one noise level the gain ``G_t = a J_t`` is
+computed once in float64 from the spectrum (the masks are read from it exactly as the masked denoiser
+reads them, and ``J_t = G_t / a``), and every pixel's field is summarised with vectorised tensor operations:
 
 - the *field* of image position p is ``F_p[c', q] = mean_c J[(c, p), (c', q)]`` (the mean over output
   channels, as :mod:`localdiff.sensitivity` does; one channel: row p of J), and its *mass* at position
@@ -36,8 +37,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..denoisers.masks import Normalization, wiener_masks
-from ..denoisers.wiener import wiener_jacobian
+from ..denoisers.masks import Normalization, normalized_gain, threshold_masks
+from ..denoisers.wiener import wiener_gain
 from ..distributed import tqdm
 from ..errors import ConfigError
 from ..stats import Spectrum
@@ -177,9 +178,10 @@ def level_fields(spec: Spectrum, shape: tuple[int, int, int], level: Level, tau:
     if spec.dim != c * h * w:
         raise ConfigError(f"a spectrum of dimension {spec.dim} does not match images of shape {shape}")
     geo = geometry(h, w)
-    J = wiener_jacobian(spec, level.a, level.b2).to(torch.float64)  # [n, n]
-    F = position_fields(J, shape)  # [P, C, P]
-    del J
+    G = wiener_gain(spec, level.a, level.b2).to(torch.float64)  # [n, n], G_t = a J_t (§2.1)
+    pm = position_masks(threshold_masks(normalized_gain(G, normalize), tau), shape).cpu()  # = wiener_masks, [P, P]
+    F = position_fields(G / level.a, shape)  # [P, C, P]: J_t = G_t / a, one product per level
+    del G
     mass = F.abs().sum(dim=1).cpu()  # [P, P]
     energy = F.square().sum(dim=1).cpu()  # [P, P]
     total = mass.sum(dim=1)
@@ -188,7 +190,6 @@ def level_fields(spec: Spectrum, shape: tuple[int, int, int], level: Level, tau:
     display = F.sum(dim=1).to("cpu", torch.float32)  # [P, P]
     del F
     ratio, angle = second_moments(mass, geo)
-    pm = position_masks(wiener_masks(spec, level.a, level.b2, tau, normalize), shape).cpu()  # [P, P]
     cheb = torch.where(pm, geo.chebyshev, torch.full_like(geo.chebyshev, -1.0)).amax(dim=1)
     return LevelFields(level, mass_radius(mass, geo, EXTENT_FRACTION), mass_radius(mass, geo, 0.5),
                        mass_radius(energy, geo, EXTENT_FRACTION), ratio, angle, pm.sum(dim=1).to(torch.float64), cheb,

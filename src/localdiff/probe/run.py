@@ -25,7 +25,7 @@ from ..data import ImageDataset, load_dataset
 from ..data.raw import SPLIT_RULE, split_indices
 from ..denoisers.masks import default_tau
 from ..distributed import tqdm
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..stats import Spectrum, data_spectrum
 from . import fields as fieldmod
 from . import spectrum as specmod
@@ -179,12 +179,19 @@ def default_labels(items: Sequence) -> list[str]:
     return out
 
 
-def _datasets(item, held, *, subset, seed, split) -> tuple[ImageDataset, ImageDataset | None, dict]:
-    """(training set, held-out set, how the held-out set was chosen) for one input of :func:`probe`."""
+def _datasets(item, held, *, subset, seed, split, need_held) -> tuple[ImageDataset, ImageDataset | None, dict]:
+    """(training set, held-out set, how the held-out set was chosen) for one input of :func:`probe`; a name or
+    path's held-out split is read only when ``need_held``."""
     if isinstance(item, (str, os.PathLike)):
         train = load_dataset(item, split="train", subset=subset, seed=seed)
         if held is None:
-            held = load_dataset(item, split=split)
+            if not need_held:
+                return train, None, {"split": None, "rule": "not needed (memorise=False)"}
+            try:
+                held = load_dataset(item, split=split)
+            except DataError as exc:
+                raise DataError(f"{exc}\n(held-out images for the memorisation stage: choose another held-out split, "
+                                "or skip the stage with --no-memorisation / memorise=False)") from exc
             return train, held, {"split": split, "rule": held.meta.get("split_rule", "the source's own split")}
     else:
         if held is None:  # images in memory have no split of their own: hold out every 10th image
@@ -278,7 +285,8 @@ def _probe_one(label, item, held, levels, *, tau, unet_configs, unet, allow_fore
                progress) -> DatasetProbe:
     secs: dict[str, float] = {}
     t0 = time.perf_counter()
-    train, held_set, held_rule = _datasets(item, held, subset=subset, seed=seed, split=held_out_split)
+    train, held_set, held_rule = _datasets(item, held, subset=subset, seed=seed, split=held_out_split,
+                                           need_held=memorise)
     secs["load"] = time.perf_counter() - t0
     shape = tuple(train.shape)
     t0 = time.perf_counter()

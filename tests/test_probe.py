@@ -347,6 +347,20 @@ def test_quantisation_error_and_display_fields():
     q, s = quantise(f)
     assert q.dtype == np.int8 and s.dtype == np.float32 and np.abs(q).max() == 127
     assert (np.abs(q * s[..., None].astype(np.float64) - f) <= s[..., None] / 2 * (1 + 1e-6)).all()
+    # the page's payload: per position, level differences mod 256 of the codes, deflated; summing them back
+    import base64
+    import zlib
+
+    from localdiff.probe.explorer import encode_model
+
+    fields = rng.standard_normal((4, 9, 9)) * np.logspace(-3, 1, 4)[:, None, None]
+    enc = encode_model(fields, (1, 3, 3))
+    steps = np.frombuffer(zlib.decompress(base64.b64decode(enc["fields"])), np.int8).reshape(9, 4, 9)
+    codes = np.cumsum(steps.astype(np.int64), axis=1)
+    codes = ((codes + 128) % 256 - 128).transpose(1, 0, 2)  # int8 wrap-around, as Int8Array stores it
+    scales = np.frombuffer(zlib.decompress(base64.b64decode(enc["scales"])), "<f4").reshape(4, 9)
+    assert np.array_equal(codes, quantise(fields)[0])
+    assert (np.abs(codes * scales[..., None].astype(np.float64) - fields) <= scales[..., None] / 2 * (1 + 1e-6)).all()
     J = rng.standard_normal((2, 12, 12))  # colour 3 x 2 x 2: n = 12, P = 4
     shown = display_fields(J, (3, 2, 2))
     manual = J.reshape(2, 3, 4, 3, 4).mean(axis=1).sum(axis=2)  # mean over output, sum over input channels

@@ -205,7 +205,7 @@ _SCRIPT = r"""
         paint(cv, h, w, function (i) { return lim > 0 ? colour(cur.v[i] / lim) : C[1]; });
         cv.dataset.values = cur.v.map(function (x) { return x.toPrecision(7); }).join(' ');
         cv.dataset.pixel = rc[0] + ',' + rc[1]; cv.dataset.max = cur.max.toPrecision(7); cv.dataset.scale = lim.toPrecision(7);
-        m.cap[t].textContent = 'max |F| ' + cur.max.toPrecision(3);
+        m.cap[t].textContent = 'max ' + cur.max.toPrecision(2);
         if (m.mask) { var nb = m.mask_bytes, off = (t * P + cur.p) * nb, count = 0, mv = m.mc[t];
           paint(mv, h, w, function (i) { var bit = (m.mask[off + (i >> 3)] >> (7 - (i & 7))) & 1; count += bit;
             return i === cur.p ? [230, 40, 40] : bit ? [40, 40, 40] : [255, 255, 255]; });

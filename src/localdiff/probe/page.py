@@ -130,8 +130,9 @@ def probe_page(result) -> str:
         "<h2>Where each pixel looks: the field explorer</h2>",
         "<p>Hover over a dataset's mean image (left) to pick a pixel; click to hold it, then move it with the arrow "
         "keys (Esc releases). Each row shows that pixel's Wiener field at every noise level (red: the output rises "
-        "with that input pixel, blue: falls), and under it the paper's mask (dark: compared pixels; red: the "
-        f"pixel itself). Values are quantised: {_e(rec['definitions']['explorer_quantisation'])}.</p>",
+        "with that input pixel, blue: falls; each panel on its own scale, its largest |value| written under it, "
+        "unless the box above asks for one scale per level), and under it the paper's mask (dark: compared "
+        f"pixels; red: the pixel itself). Values are quantised: {_e(rec['definitions']['explorer_quantisation'])}.</p>",
         explorer,
         "<h2>Across the image</h2>",
         _figure(plots.maps_figure(rec, "r90", "extent r90 (px) of every pixel's field"), "r90 maps",

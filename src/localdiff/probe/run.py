@@ -132,9 +132,10 @@ class ProbeResult:
                     f"mass within {med(lo, 'extent_r90'):.1f}, then {med(hi, 'extent_r90'):.1f} px")
             memo = d.get("memorisation") or {}
             if "horizon_by_size" in memo:
-                hs = ", ".join(f"N={s}: {'t=' + str(t) if t is not None else 'never'}"
+                hs = ", ".join(f"{'t = ' + str(t) if t is not None else 'nowhere'} with {int(s):,}"
                                for s, t in memo["horizon_by_size"].items())
-                text += f"; optimal beats Wiener on held-out images down to ({hs})"
+                text += (f"; the memorising (optimal) denoiser beats Wiener on held-out images down to {hs} "
+                         "training images")
             lines.append(text)
         return lines
 

@@ -329,6 +329,30 @@ def test_memorisation_stage_against_a_brute_force_optimal_denoiser(tmp_cache):
     assert res.record["datasets"]["digits"]["held_out"]["rule"] == "held-out images given by the caller"
 
 
+def test_a_given_network_is_scored_on_the_same_noisy_images(tmp_path, tmp_cache):
+    from conftest import save_tiny_unet
+    from localdiff import make_denoiser
+    from localdiff.calibrate_masked import per_image_mse
+    from localdiff.evaluate import noisy_draws
+
+    unet = save_tiny_unet(tmp_path / "unet", 8)
+    data, held = load_dataset("digits"), load_dataset("digits", split="test")
+    res = probe(data, held_out=[held], timesteps=[600, 200], held_out_num=10, divisors=(2, 1), unets={"digits": str(unet)},
+                progress=False)
+    d, memo = res.datasets["digits"], res.record["datasets"]["digits"]["memorisation"]
+    images = held.subset(10, seed=0).tensor()
+    x_t = dict(noisy_draws(images, [600, 200], torch.Generator().manual_seed(0)))
+    net = make_denoiser("unet", data, path=str(unet))
+    for ti, t in enumerate((600, 200)):
+        mse = per_image_mse(net, x_t[t], images, t)
+        assert np.allclose(d.errors[f"{len(data)}/unet"][ti], mse.numpy(), rtol=1e-6)
+        c = compare(mse.numpy(), d.errors[f"{len(data)}/wiener"][ti], a="unet", b="wiener", metric="m",
+                    lower_is_better=True)
+        assert memo["unet"]["minus_wiener"][str(t)]["mean_diff"] == pytest.approx(c.mean_diff)
+    assert "unet" not in memo["per_size"][str(len(data) // 2)]["mse"]  # the network is trained on all N
+    assert any(k.startswith("given") for k in res.record["datasets"]["digits"]["receptive_fields"])
+
+
 def test_images_in_memory_hold_out_every_tenth_image(tmp_cache):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(60, 1, 6, 6)).astype(np.uint8)

@@ -80,27 +80,30 @@ def locality_figure(record: dict) -> bytes:
 
 
 def maps_figure(record: dict, name: str, title: str, cmap: str = "viridis") -> bytes:
-    """One map per (dataset, level): rows are datasets, columns levels (high noise left), one colour scale."""
+    """One map per (dataset, level) in one mosaic: rows are datasets, columns levels (high noise left), one
+    colour scale (0 to the 99th percentile); white: undefined (a pixel whose field is zero)."""
     ts = [str(lv["t"]) for lv in record["levels"]]
     sets = list(record["datasets"])
-    maps = {s: np.asarray(record["datasets"][s]["maps"][name], dtype=np.float64) for s in sets}
-    vals = np.concatenate([m[np.isfinite(m)] for m in maps.values()]) if maps else np.zeros(1)
+    maps = {s: np.asarray(record["datasets"][s]["maps"][name], dtype=np.float64) for s in sets}  # [T, H, W]
+    vals = np.concatenate([m[np.isfinite(m)].ravel() for m in maps.values()])
     vmax = float(np.percentile(vals, 99)) if vals.size else 1.0
-    fig, axes = plt.subplots(len(sets), len(ts), figsize=(1.25 * len(ts) + 1.2, 1.35 * len(sets) + 0.5),
-                             squeeze=False, layout="constrained")
-    im = None
+    h = max(m.shape[1] for m in maps.values())
+    w = max(m.shape[2] for m in maps.values())
+    gap = max(2, h // 8)
+    mosaic = np.full((len(sets) * (h + gap), len(ts) * (w + gap)), np.nan)
     for i, s in enumerate(sets):
-        for j, t in enumerate(ts):
-            ax = axes[i, j]
-            im = ax.imshow(maps[s][j], cmap=cmap, vmin=0, vmax=vmax or 1.0, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(f"t = {t}", fontsize=8)
-            if j == 0:
-                ax.set_ylabel(s, fontsize=8)
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, aspect=25)
-    fig.suptitle(title, fontsize=10)
+        for j in range(len(ts)):
+            m = maps[s][j]
+            mosaic[i * (h + gap): i * (h + gap) + m.shape[0], j * (w + gap): j * (w + gap) + m.shape[1]] = m
+    fig, ax = plt.subplots(figsize=(1.1 * len(ts) + 1.6, 1.1 * len(sets) + 0.8))
+    im = ax.imshow(np.ma.masked_invalid(mosaic), cmap=cmap, vmin=0, vmax=vmax or 1.0, interpolation="nearest")
+    ax.set_xticks([j * (w + gap) + w / 2 for j in range(len(ts))], [f"t = {t}" for t in ts], fontsize=8)
+    ax.set_yticks([i * (h + gap) + h / 2 for i in range(len(sets))], sets, fontsize=8)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    fig.colorbar(im, ax=ax, shrink=0.8, aspect=25)
+    ax.set_title(title, fontsize=10)
     return png(fig)
 
 

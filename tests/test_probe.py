@@ -267,7 +267,7 @@ def test_nested_subset_spectra_equal_each_subsets_own():
     spectra = nested_spectra(data, [len(data) // 8, len(data) // 2, len(data)], seed=3, progress=False)
     for size, spec in spectra.items():
         ref = data_spectrum(data.subset(size, seed=3), cache=False, progress=False)
-        assert spec.count == size
+        assert spec.count == size and spec.fingerprint == data.subset(size, seed=3).fingerprint
         assert torch.allclose(spec.covariance(), ref.covariance(), atol=1e-10)
         assert torch.allclose(spec.mean, ref.mean, atol=1e-12)
 

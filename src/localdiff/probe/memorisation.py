@@ -63,7 +63,8 @@ def nested_spectra(data, sizes: Sequence[int], seed: int, full: Spectrum | None 
             continue
         state = state.merge(moments(data.select(np.sort(perm[done:size])), progress=False))
         done = size
-        out[size] = eigendecompose(state.mean, state.covariance(), state.count)
+        # the subset's own fingerprint: make_denoiser then checks that these statistics are that subset's
+        out[size] = eigendecompose(state.mean, state.covariance(), state.count, data.subset(size, seed).fingerprint)
     return out
 
 

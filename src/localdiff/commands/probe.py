@@ -42,7 +42,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-memorisation", action="store_true", help="skip the held-out MSE stage")
     p.add_argument("--components", type=int, default=8, help="principal components shown (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of subsets, held-out images and noise (default 0)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: CUDA when available)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the statistics cache")
     p.add_argument("--save-fields", action="store_true",
                    help="also store every display field [T, P, P] in probe.npz (float32; 25 MB per 28 px set)")

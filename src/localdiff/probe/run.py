@@ -24,6 +24,7 @@ import torch
 from ..data import ImageDataset, load_dataset
 from ..data.raw import SPLIT_RULE, split_indices
 from ..denoisers.masks import default_tau
+from ..device import resolve_device
 from ..distributed import tqdm
 from ..errors import ConfigError, DataError
 from ..stats import Spectrum, data_spectrum
@@ -220,7 +221,7 @@ def probe(*data, labels: Sequence[str] | None = None, timesteps: Sequence[int] |
           unets: Mapping[str, str | None] | None = None, allow_foreign_unet: bool = False,
           held_out: Sequence | Mapping | None = None, held_out_num: int = 200, held_out_split: str = "test",
           divisors: Sequence[int] = SIZE_DIVISORS, memorise: bool = True, subset: int | None = None, seed: int = 0,
-          components: int = 8, device: str = "cpu", cache: bool | str = True, batch_size: int = 100,
+          components: int = 8, device: str = "auto", cache: bool | str = True, batch_size: int = 100,
           progress: bool = True) -> ProbeResult:
     """Probe one or more datasets (built-in names, paths, arrays ``[N, C, H, W]`` or ImageDatasets).
 
@@ -231,7 +232,8 @@ def probe(*data, labels: Sequence[str] | None = None, timesteps: Sequence[int] |
     optimal; ``held_out``: held-out images per dataset (sequence aligned with ``data`` or a mapping by
     label; default: the 'test' split, or every 10th image of data held in memory); ``held_out_num``:
     held-out images scored (seeded subset); ``divisors``: training-set sizes N/d; ``memorise=False``
-    skips the MSE stage; ``subset``: probe a seeded subset of each training set."""
+    skips the MSE stage; ``subset``: probe a seeded subset of each training set; ``device``: where the
+    statistics, fields and denoisers run ("auto": CUDA when available)."""
     if not data:
         raise ConfigError("probe needs at least one dataset: a built-in name, a path, an array or an ImageDataset")
     if held_out_num < 2:
@@ -257,6 +259,7 @@ def probe(*data, labels: Sequence[str] | None = None, timesteps: Sequence[int] |
     if tau is not None and not (0 <= float(tau) < 1):
         raise ConfigError(f"tau must be in [0, 1), got {tau}")
     levels = noise_levels(timesteps)
+    device = resolve_device(device)  # "auto": CUDA when available; statistics and fields stay float64
     t_start = time.perf_counter()
     results: dict[str, DatasetProbe] = {}
     for label, item, held in tqdm(list(zip(labels, data, helds)), desc="probe", unit="dataset", disable=not progress):
@@ -320,11 +323,11 @@ def _probe_one(label, item, held, levels, *, tau, unet_configs, unet, allow_fore
             from ..denoisers.unet import inspect_unet_dir
 
             path = None if unet in (None, "shipped") else str(unet)
-            net = make_denoiser("unet", train, path=path, device=device, allow_foreign=allow_foreign_unet)
+            net = make_denoiser("unet", train, path=path, device=str(device), allow_foreign=allow_foreign_unet)
             if path is not None:
                 rfs[f"given: {Path(path).name}"] = receptive_field(inspect_unet_dir(path).config, shape)
         memo, errors = memorisation(train, images, levels, spectrum=spec, divisors=divisors, seed=seed, unet=net,
-                            device=device, batch_size=batch_size, progress=progress)
+                            device=str(device), batch_size=batch_size, progress=progress)
         if net is not None:
             memo["unet"]["network"] = net.settings()
         secs["memorisation"] = time.perf_counter() - t0

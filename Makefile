@@ -14,10 +14,11 @@ system-deps:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
 	fi
-	@# headless Chromium: the study report's browser test loads report.html in it
-	@if ! command -v chromium >/dev/null 2>&1; then \
+	@# headless Chromium: the study report's browser test loads report.html in it; the probe page's test drives it
+	@# through chromedriver (Debian's chromium-driver)
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver; \
 	fi
 
 install: system-deps

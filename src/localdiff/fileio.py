@@ -150,7 +150,7 @@ def write_bytes(path, data: bytes) -> Path:
 
 
 def write_json(path, obj: Any) -> Path:
-    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+    text = json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n"
     return write_bytes(path, text.encode())
 
 
@@ -162,7 +162,7 @@ def write_npz(path, **arrays: np.ndarray) -> Path:
     return atomic_write(path, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()}))
 
 
-def _json_default(o: Any):
+def json_default(o: Any):
     if isinstance(o, (np.integer,)):
         return int(o)
     if isinstance(o, (np.floating,)):

@@ -58,6 +58,11 @@ class NoiseLevel:
         return math.sqrt(self.b2) / self.a
 
     @property
+    def snr(self) -> float:
+        """The signal-to-noise variance ratio ``a^2 / b2 = 1 / sigma^2``."""
+        return self.a * self.a / self.b2
+
+    @property
     def key(self) -> tuple[float, float]:
         """``(a, b2)``: what every analytical model depends on (a cache key)."""
         return (self.a, self.b2)

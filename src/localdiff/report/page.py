@@ -13,7 +13,7 @@ import base64
 import html
 import math
 
-_CSS = """
+CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0 auto;max-width:1180px;padding:18px 26px;
 color:#1d1d1f;line-height:1.45}
 h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
@@ -28,7 +28,7 @@ pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.85em;white-space:
 .warn{background:#fff4e5;border-left:4px solid #d9822b;padding:.5em .9em;color:#6b3d00}
 """
 
-_CHECK_SCRIPT = """
+CHECK_SCRIPT = """
 window.addEventListener('load', function () {
   var imgs = Array.prototype.slice.call(document.images);
   var bad = imgs.filter(function (img) { return !(img.complete && img.naturalWidth > 0); });
@@ -75,8 +75,8 @@ def page(title: str, parts: list[str]) -> str:
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
             "<link rel=\"icon\" href=\"data:,\">\n"
-            f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n"
-            f"<script>{_CHECK_SCRIPT}</script>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
+            f"<title>{esc(title)}</title>\n<style>{CSS}</style>\n"
+            f"<script>{CHECK_SCRIPT}</script>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
 
 
 def img(png: bytes, alt: str, caption: str) -> str:
@@ -84,4 +84,4 @@ def img(png: bytes, alt: str, caption: str) -> str:
 
 
 
-__all__ = ["data_uri", "esc", "num", "table", "page", "img"]
+__all__ = ["data_uri", "esc", "num", "table", "page", "img", "CSS", "CHECK_SCRIPT"]

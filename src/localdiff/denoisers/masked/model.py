@@ -199,9 +199,9 @@ class MaskedDenoiser(StreamedDenoiser):
         out.update(tau=self.tau, tau_rule=self.tau_rule,
                    tau_schedule_params=self.tau_schedule.to_dict() if self.tau_schedule is not None else None,
                    chunk=self.columns.chunk if self._fixed_width else "per timestep",
-                   masks="given" if self._mask_override is not None else "wiener",
-                   chunk_average=self.chunk_average,
-                   official_statistics=self.official.record() if self.official is not None else None)
+                   masks="given" if self._mask_override is not None else "wiener", chunk_average=self.chunk_average)
+        if self.official is not None:
+            out["official_statistics"] = self.official.record()
         return out
 
     # -- per-level parameters -------------------------------------------------------------------

@@ -1,10 +1,19 @@
 """``masked`` with ``compat=official`` against the paper's published code (docs/DESIGN.md §2.5).
 
-The fixture tests/fixtures/official_masked/ was made by running the official ``PCALocalityDenoiser``
+The fixtures tests/fixtures/official_masked/ were made by running the official ``PCALocalityDenoiser``
 (github.com/ottogin/locality-in-diffusion-models at 48d69957a668) on 2,000 MNIST training images
 (scripts/fixtures/make_official_masked_fixtures.py; meta.json says how): its masks, its x0_hat at four
-timesteps and its own 10-step DDIM sampling loop. The official mode must give its masks bit for bit and
-its outputs to float32 round-off; the exact mode (the model as the paper writes it) must visibly differ.
+timesteps and its own 10-step DDIM sampling loop at 28 px, and the same plus its float32 statistics at 14 px.
+The official mode must give its masks bit for bit and its outputs to float32 round-off; the exact mode
+(the model as the paper writes it) must visibly differ.
+
+The official masks hang on float32 round-off: the global threshold is set by a near-constant pixel's row,
+whose tiny diagonal is mostly round-off of the float32 SVD (on full MNIST at t = 100, reading the data in
+batches of 500 instead of 512 flips 14,957 of its 16,448 mask entries). So the 28 px comparison holds where
+this machine's float32 BLAS/LAPACK round the same way as the fixture's (checked on the singular values,
+bit for bit; otherwise those tests are skipped: the official code itself would give other masks here). The
+14 px tests give localdiff the official statistics themselves and hold on any machine (no mask entry lies
+within 1e-4 relative of its threshold there).
 """
 
 from __future__ import annotations
@@ -39,8 +48,24 @@ def reference():
 @pytest.fixture(scope="module")
 def mnist(reference):
     data = load_dataset("mnist", subset=2000, seed=0)
-    assert data.fingerprint == reference[1]["data"]["fingerprint"]  # the images the official code was given
+    assert data.fingerprint == reference[1]["data"]["reference"]["fingerprint"]  # the images the official code was given
     return data
+
+
+def require_same_float32(den, ref):
+    """Skip unless this machine's float32 statistics are the fixture's, bit for bit (module docstring)."""
+    ours, theirs = den.official.lam.numpy(), ref["lam"]
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5 * theirs.max())  # the same statistics anyway
+    if not np.array_equal(ours, theirs):
+        pytest.skip("this machine's float32 SVD rounds differently from the one that made the fixture, so the "
+                    "official code's own masks differ here; the 14 px tests cover the computation")
+
+
+def official_statistics_of(ref, count: int):
+    from localdiff.denoisers.masked.official import OfficialStatistics
+
+    u, lam, vh, mean = (torch.from_numpy(ref[k]) for k in ("u", "lam", "vh", "mean"))
+    return OfficialStatistics(u, lam, vh, mean, count, OFFICIAL_BATCH)
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +87,13 @@ def masks_at(den, t):
 
 def test_official_statistics_are_the_reference_code_s(official, reference):
     ref, _ = reference
-    assert torch.equal(official.official.lam, torch.from_numpy(ref["lam"]))  # float32 SVD, bit for bit
     assert official.official.count == 2000 and official.official.batch == OFFICIAL_BATCH == 512
+    require_same_float32(official, ref)  # float32 SVD, bit for bit
 
 
 def test_official_masks_match_the_reference_code_bit_for_bit(official, reference):
     ref, _ = reference
+    require_same_float32(official, ref)
     n = official.dim
     for i, t in enumerate(ref["t"]):
         expected = unpack(ref["masks"][i], n)
@@ -78,6 +104,7 @@ def test_official_masks_match_the_reference_code_bit_for_bit(official, reference
 
 def test_official_x0_hat_matches_the_reference_code(official, reference):
     ref, _ = reference
+    require_same_float32(official, ref)
     for i, t in enumerate(ref["t"]):
         with torch.no_grad():
             out = official(torch.from_numpy(ref["x_t"][i]), int(t)).numpy()
@@ -88,6 +115,7 @@ def test_official_x0_hat_matches_the_reference_code(official, reference):
 def test_official_sampling_matches_the_reference_loop(official, reference):
     """Its x0_hat at every step of the official trajectory, then localdiff's own DDIM from the same noise."""
     ref, _ = reference
+    require_same_float32(official, ref)
     assert list(ref["timesteps"]) == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
     for i, t in enumerate(ref["timesteps"]):
         with torch.no_grad():
@@ -121,6 +149,7 @@ def test_the_official_constant_pixel_rule(official, reference):
     so such a pixel keeps itself in its mask, where the plain rule (:func:`normalized_gain`) leaves it
     out. 2,000 MNIST images have constant corner pixels: the fixture's masks have them on their diagonal."""
     ref, _ = reference
+    require_same_float32(official, ref)
     lam, u, vh = official.official.lam, official.official.u, official.official.vh
     ab = official_alpha_bar(official.schedule.at(500))
     shrink = ab * lam / ((1 - ab) + ab * lam)
@@ -129,6 +158,39 @@ def test_the_official_constant_pixel_rule(official, reference):
     assert tiny.sum() > 0
     expected = unpack(ref["masks"][list(ref["t"]).index(500)], official.dim)
     assert expected.diagonal()[tiny].all()
+
+
+def test_official_computation_on_the_reference_statistics():
+    """14 px: given the official code's own float32 statistics, the masks are its masks and x0_hat its
+    x0_hat on any machine; computed here, the statistics agree with its to float32 round-off (bit for bit
+    on a machine that rounds as the fixture's did)."""
+    ref = dict(np.load(FIXTURE / "reference_14px.npz"))
+    meta = json.loads((FIXTURE / "meta.json").read_text())
+    data = load_dataset("mnist", subset=2000, seed=0, resolution=14)
+    assert data.fingerprint == meta["data"]["reference_14px"]["fingerprint"]
+    den = make_denoiser("masked", data, device="cpu", compat="official", tau=0.005)
+    ours = den.official
+    np.testing.assert_allclose(ours.lam.numpy(), ref["lam"], rtol=0, atol=1e-5 * ref["lam"].max())
+    np.testing.assert_allclose(ours.mean.numpy(), ref["mean"], rtol=0, atol=1e-6)
+    same = all(np.array_equal(getattr(ours, k).numpy(), ref[k]) for k in ("u", "lam", "vh", "mean"))
+    den.official = official_statistics_of(ref, len(data))
+    den.clear_cache()
+    n = den.dim
+    exact = make_denoiser("masked", data, device="cpu", tau=0.005)
+    for i, t in enumerate(ref["t"]):
+        expected = unpack(ref["masks"][i], n)
+        assert int((masks_at(den, int(t)) != expected).sum()) == 0, f"t={t}: mask flips"
+        x = torch.from_numpy(ref["x_t"][i])
+        with torch.no_grad():
+            err = np.abs(den(x, int(t)).numpy() - ref["x0_hat"][i]).max()
+            err_exact = np.abs(exact(x, int(t)).numpy() - ref["x0_hat"][i]).max()
+        assert err < X0_TOL, f"t={t}: max |x0_hat - official| = {err:.3g}"
+        if t == 100:  # measured: 502 flips, 0.56
+            assert int((masks_at(exact, 100) != expected).sum()) > 100 and err_exact > 0.1
+    if same:  # this machine rounds as the fixture's: the statistics computed here give the same masks
+        fresh = make_denoiser("masked", data, device="cpu", compat="official", tau=0.005)
+        for i, t in enumerate(ref["t"]):
+            assert int((masks_at(fresh, int(t)) != unpack(ref["masks"][i], n)).sum()) == 0
 
 
 def test_official_statistics_are_the_sample_covariance():
@@ -189,7 +251,7 @@ def test_official_mode_options_and_records(mnist, official):
     assert (a - b).abs().max() > 1e-3  # the chunks change the official model's output
 
 
-def test_official_mode_refusals(mnist):
+def test_official_mode_refusals():
     small = load_dataset("mnist", subset=50, seed=0)
     with pytest.raises(ConfigError, match="normalize"):
         make_denoiser("masked", small, device="cpu", compat="official", normalize="sym")

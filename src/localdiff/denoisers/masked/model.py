@@ -43,6 +43,8 @@ from ..base import Capabilities
 from ..stream import ColumnBlocks, SoftmaxState, StreamedDenoiser, StreamOptions, merge
 from .kernel import CHUNK_AVERAGE_EPS, LOG2E, KernelInputs, Partial, QOperator, run_workers, stream
 from .masks import Normalization, default_tau, masked_logits, pixels_outside_own_mask, wiener_masks
+from .official import (OFFICIAL_BATCH, OfficialStatistics, lost_pixels, official_alpha_bar, official_level,
+                       official_masks, official_statistics, warn_lost)
 from .plan import MaskPlan, PlanPath, plan_masks
 from .schedule import MaskedSchedule, read_masked_schedule
 
@@ -59,6 +61,9 @@ class MaskedConfig(StreamOptions):
     chunk: int | None = None  # training images per streamed block (None: per timestep on the CPU); exact mode
     # does not depend on it
     chunk_average: int | None = None  # compatibility: the official chunk-normalised softmax, chunks of N
+    # (None: none in exact mode, 512 with compat=official)
+    compat: Literal["exact", "official"] = "exact"  # "official": the published code's numbers (.official):
+    # float32 sample-covariance statistics and masks, chunk-normalised softmax in chunks of chunk_average
     dtype: Literal["float32", "float64"] = "float32"  # arithmetic of the big products; softmax states are float64
     path: PlanPath = "auto"  # "auto" (tiles and cores chosen from the masks by a cost model), "grouped"
     # (tiles, every non-empty core used) or "dense" (tiles read every pixel: no use of sparsity)
@@ -78,6 +83,9 @@ class MaskedDenoiser(StreamedDenoiser):
     each block of N consecutive training images, the blocks' weighted means averaged. It is not the
     default because its result depends on N (on 2,000 MNIST images, N=512 vs one block: final samples
     differ by up to 1.9 on the [-1, 1] scale); it is not the model the paper writes down.
+    ``compat="official"`` goes further and reproduces the published code's numbers (:mod:`.official`):
+    its float32 sample-covariance statistics and masks, bit for bit, and ``chunk_average`` (default 512,
+    its data loader's batch size); a given ``spectrum`` is then not used.
 
     ``masks`` (a bool [n, n] tensor or a function t -> tensor, column i = S_i) replaces the Wiener
     masks, e.g. for square-window ablations; ``spectrum`` gives precomputed data statistics.
@@ -93,7 +101,7 @@ class MaskedDenoiser(StreamedDenoiser):
                  masks: torch.Tensor | Callable[[int], torch.Tensor] | None = None):
         super().__init__(data, config, schedule)  # validates the options, builds the pixel-major set
         config = self.config
-        if config.chunk_average is not None:  # the compatibility mode: autograd only
+        if self.chunk_average is not None:  # the compatibility modes: autograd only
             self.capabilities = dataclasses.replace(self.capabilities, closed_form_jacobian=False)
         if config.tau is None:
             self.tau, self.tau_rule = default_tau(self.shape)
@@ -104,26 +112,44 @@ class MaskedDenoiser(StreamedDenoiser):
             self.tau_schedule = read_masked_schedule(config.tau_schedule)
             self.tau_rule = "schedule"
         self._mask_override = masks
-        if masks is None:
+        self.official: OfficialStatistics | None = None
+        if masks is None and self.official_mode:  # the published code's float32 statistics, its loader's batches
+            self.official = official_statistics(data, self.chunk_average, self.device)
+            self.spectrum = None
+        elif masks is None:
             spec = spectrum if spectrum is not None else data_spectrum(data, device="cpu", cache=config.cache)
             self.spectrum = spec.to(self.device)
         else:
             self.spectrum = spectrum.to(self.device) if spectrum is not None else None
-        self._fixed_width = config.chunk is not None or config.chunk_average is not None or self.device.type != "cpu"
+        self._fixed_width = config.chunk is not None or self.chunk_average is not None or self.device.type != "cpu"
         self._masks: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # per level (a, b2)
         self._plans: OrderedDict[tuple, MaskPlan] = OrderedDict()  # per level and batch size
         self._q: dict[tuple, torch.Tensor] = {}  # Q [n, K] per level
+
+    @property
+    def official_mode(self) -> bool:
+        """Whether the model reproduces the published code's numbers (``compat="official"``)."""
+        return self.config.compat == "official"
+
+    @property
+    def chunk_average(self) -> int | None:
+        """Images per chunk of the chunk-normalised softmax: ``chunk_average``, else 512 with
+        ``compat="official"``; None for the exact global softmax."""
+        if self.config.chunk_average is not None:
+            return self.config.chunk_average
+        return OFFICIAL_BATCH if self.official_mode else None
 
     def training_set(self, data) -> ColumnBlocks:
         """The training images pixel-major, ``YT`` [n, K] (:class:`ColumnBlocks`), in blocks of ``chunk``
         images (``chunk_average``'s blocks; else about 8 MB (float32) on the CPU, 256 MB on a GPU: on the
         CPU the tiled path sizes its blocks per timestep instead, see :meth:`_block_width`)."""
         config = self.config
-        if config.chunk_average is not None and total_images(data) != len(data):
-            raise ConfigError("masked: chunk_average (the official chunk-normalised softmax) depends on how the set "
-                              "is cut into blocks, so it runs in one process; drop it or run without torchrun")
-        if config.chunk_average is not None:
-            chunk = config.chunk_average
+        if self.chunk_average is not None and total_images(data) != len(data):
+            what = "compat=official" if self.official_mode else "chunk_average"
+            raise ConfigError(f"masked: {what} (the official chunk-normalised softmax) depends on how the set "
+                              f"is cut into blocks, so it runs in one process; drop {what} or run without torchrun")
+        if self.chunk_average is not None:
+            chunk = self.chunk_average
         elif config.chunk is not None:
             chunk = config.chunk
         else:
@@ -139,6 +165,17 @@ class MaskedDenoiser(StreamedDenoiser):
 
     def validate(self) -> None:
         self._validate(self.config)
+        c = self.config
+        if c.compat == "official":
+            if type(self) is not MaskedDenoiser:  # a variant computes another model: nothing to be compatible with
+                raise ConfigError(f"{self.name}: compat=official exists only for the masked model (the one the "
+                                  "published code implements); drop it")
+            if c.normalize != "diag":
+                raise ConfigError("masked: compat=official normalises the gain as the published code does (row by "
+                                  f"its diagonal); drop normalize={c.normalize} or use compat=exact")
+            if c.tau == 0:
+                raise ConfigError("masked: compat=official needs tau > 0: with tau = 0 the published code skips the "
+                                  "threshold and weighs pixels by the normalised gain, another model; use compat=exact")
 
     @staticmethod
     def _validate(c: MaskedConfig) -> None:
@@ -162,7 +199,9 @@ class MaskedDenoiser(StreamedDenoiser):
         out.update(tau=self.tau, tau_rule=self.tau_rule,
                    tau_schedule_params=self.tau_schedule.to_dict() if self.tau_schedule is not None else None,
                    chunk=self.columns.chunk if self._fixed_width else "per timestep",
-                   masks="given" if self._mask_override is not None else "wiener")
+                   masks="given" if self._mask_override is not None else "wiener", chunk_average=self.chunk_average)
+        if self.official is not None:
+            out["official_statistics"] = self.official.record()
         return out
 
     # -- per-level parameters -------------------------------------------------------------------
@@ -196,6 +235,11 @@ class MaskedDenoiser(StreamedDenoiser):
             m = torch.as_tensor(m).to(device=self.device, dtype=torch.bool)
             if m.shape != (self.dim, self.dim):
                 raise ConfigError(f"masks must have shape [{self.dim}, {self.dim}], got {tuple(m.shape)}")
+            return m
+        if self.official is not None:  # the published code's float32 masks
+            alpha_bar, tau = official_alpha_bar(level, self.schedule), self.tau_at(level)
+            m = official_masks(self.official, alpha_bar, tau)
+            warn_lost(self.name, level.label, *lost_pixels(m, self.official, alpha_bar), tau)
             return m
         a, b2, tau = level.a, level.b2, self.tau_at(level)
         m = wiener_masks(self.spectrum, a, b2, tau, self.config.normalize)
@@ -267,9 +311,16 @@ class MaskedDenoiser(StreamedDenoiser):
             out = self._denoise_tiled(x.to(self.dtype), level)
         return out.reshape(x_t.shape)
 
+    def level_coefficients(self, level: NoiseLevel) -> tuple[float, float]:
+        """``(a, b2)`` of the logits at ``level``: the level's own, or with ``compat="official"`` the float32
+        values the published code uses (from diffusers' float32 alpha_bar)."""
+        if self.official_mode:
+            return official_level(official_alpha_bar(level, self.schedule))
+        return level.a, level.b2
+
     def _coefficients(self, level: NoiseLevel) -> tuple[float, float]:
         """``alpha``, ``beta`` of the log2-unit logit ``alpha x.y - beta Q``."""
-        a, b2, T = level.a, level.b2, self.temperature_at(level)
+        (a, b2), T = self.level_coefficients(level), self.temperature_at(level)
         return a * LOG2E / (b2 * T), a * a * LOG2E / (2.0 * b2 * T)
 
     def _workers(self) -> int:
@@ -303,7 +354,7 @@ class MaskedDenoiser(StreamedDenoiser):
             plan, x, alpha, beta, q_cached=q_cached,
             q_op=self._q_operator(plan) if q_cached is None else None,
             q_store=torch.empty((n, len(self.columns)), device=self.device, dtype=self.dtype) if store else None,
-            workers=workers, chunk_average=self.config.chunk_average is not None)
+            workers=workers, chunk_average=self.chunk_average is not None)
         shares = [bounds[w::workers] for w in range(workers)]
         parts = run_workers(lambda share: stream(inputs, self.columns, share), shares)
         if store:
@@ -330,7 +381,7 @@ class MaskedDenoiser(StreamedDenoiser):
         """The same model written plainly (``masked_logits``, autograd-friendly, float64), block by block
         [B, k, n]; used when ``x_t`` requires a gradient. Meant for small sets: autograd keeps every block."""
         M = self.masks(level)
-        a, b2, T = level.a, level.b2, self.temperature_at(level)
+        (a, b2), T = self.level_coefficients(level), self.temperature_at(level)
         x = self.rank_input(x)
         state = mean_sum = None
         blocks = 0
@@ -338,7 +389,7 @@ class MaskedDenoiser(StreamedDenoiser):
             y = yt.T.to(torch.float64)  # [k, n]
             logits = masked_logits(x, y, M, a, b2, T)  # [B, k, n]: one softmax over k per query and pixel
             part = SoftmaxState.from_logits(logits, 1, lambda e: (e * y[None]).sum(dim=1))
-            if self.config.chunk_average is not None:  # official: each block's own mean, the means averaged
+            if self.chunk_average is not None:  # official: each block's own mean, the means averaged
                 mean_sum = part.mean() if mean_sum is None else mean_sum + part.mean()
             else:
                 state = merge(state, part)
@@ -355,8 +406,9 @@ class MaskedDenoiser(StreamedDenoiser):
         Closed form (docs/DESIGN.md §3): ``d x0_hat_i / d x_t[m] = (a / (b2 T)) 1[m in S_i] Cov_{w_i}(y[i], y[m])``,
         streamed over the training set with a max-shifted softmax per query and row (exact mode only).
         """
-        if self.config.chunk_average is not None:
-            raise ConfigError("the closed-form Jacobian needs the exact softmax; drop chunk_average or use autograd")
+        if self.chunk_average is not None:
+            raise ConfigError("the closed-form Jacobian needs the exact softmax; drop chunk_average (and "
+                              "compat=official) or use autograd")
         level = self.schedule.at(t)
         a, b2, T = level.a, level.b2, self.temperature_at(level)
         x = x_t.reshape(x_t.shape[0], -1).to(device=self.device, dtype=torch.float64)

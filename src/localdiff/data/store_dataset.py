@@ -3,8 +3,9 @@ images in memory.
 
 ``raw`` is a :class:`StoreRows`, indexed like the ``[N, C, H, W]`` array of an in-memory dataset (an int,
 a slice, an array of indices or a boolean mask give numpy arrays) but read block by block, each block
-verified against its digest when it is read. ``chunks`` / ``chunk_at`` read into a buffer that each
-thread reuses, so streaming a set of any size holds one chunk (plus one block) at a time. Its
+verified against its digest when it is read. ``chunks`` reads the next chunk in a second thread while
+the caller works on the current one (two reused raw buffers), ``chunk_at`` into a buffer each thread
+reuses, so streaming a set of any size holds two chunks (plus one block) at a time. Its
 ``fingerprint`` is computed from the header (the block digests, the labels' digest, the recorded meta),
 never from the image bytes, so opening a store of any size costs one header read; it changes when any
 image, label or recorded choice changes. ``select`` / ``subset`` give views that read only the blocks
@@ -16,13 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from .dataset import ImageDataset, _stable
+from .dataset import DEFAULT_CHUNK, ImageDataset, _stable
 from .limits import default_max_bytes, format_bytes
 from .raw import HELD_OUT_EVERY, subset_indices
 from .shards import Shard, ShardedDataset, block_shard_bounds, shard_bounds
@@ -161,6 +164,24 @@ class StoreDataset(ImageDataset):
         """Bytes and blocks this process has read from the store file (``.bytes``, ``.blocks``)."""
         return self.raw.file.stats
 
+    def chunks(self, size: int = DEFAULT_CHUNK, *, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32, flat: bool = False) -> Iterator[torch.Tensor]:
+        """Consecutive chunks ``[k, C, H, W]`` (or ``[k, n]``), as an in-memory dataset gives them, with the next
+        chunk read (and verified) by a second thread while the caller works on this one: two raw buffers."""
+        if size <= 0:
+            raise ValueError(f"chunk size must be positive, got {size}")
+        n, size = len(self), int(size)
+        bufs = [np.empty((min(size, n), *self.shape), self.raw.dtype) for _ in range(2)]
+        with ThreadPoolExecutor(1, thread_name_prefix="store-read") as pool:
+            ahead = pool.submit(self.raw.read, 0, min(size, n), bufs[0][:min(size, n)])
+            for i, start in enumerate(range(0, n, size)):
+                raw = ahead.result()
+                nxt = start + size
+                if nxt < n:
+                    k = min(size, n - nxt)
+                    ahead = pool.submit(self.raw.read, nxt, nxt + k, bufs[(i + 1) % 2][:k])
+                yield self._convert(raw, device, dtype, flat)
+
     def chunk_at(self, start: int, size: int, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, flat: bool = False) -> torch.Tensor:
         """Images ``start .. start + size - 1`` (fewer at the end) as ``[k, C, H, W]`` (or ``[k, n]``): read into
@@ -171,12 +192,16 @@ class StoreDataset(ImageDataset):
         buf = getattr(self._local, "buf", None)
         if buf is None or buf.shape[0] < k:
             buf = self._local.buf = np.empty((k, *self.shape), self.raw.dtype)
-        raw = self.raw.read(start, start + k, out=buf[:k])
-        out = torch.empty((k, *self.shape), dtype=dtype, device=device)
+        return self._convert(self.raw.read(start, start + k, out=buf[:k]), device, dtype, flat)
+
+    def _convert(self, raw: np.ndarray, device, dtype: torch.dtype, flat: bool) -> torch.Tensor:
+        """``raw`` [k, C, H, W] as a new float tensor: uint8 by x / 127.5 - 1, the same float operations as
+        ImageDataset (so the values are bit for bit the same), in place."""
+        out = torch.empty(raw.shape, dtype=dtype, device=device)
         out.copy_(torch.from_numpy(raw))
         if self.raw.dtype == np.uint8:
-            out.div_(127.5).sub_(1.0)  # x / 127.5 - 1, the same float operations as ImageDataset
-        return out.reshape(k, -1) if flat else out
+            out.div_(127.5).sub_(1.0)
+        return out.reshape(len(raw), -1) if flat else out
 
     @property
     def fingerprint(self) -> str:

@@ -318,7 +318,8 @@ def cmd_study(args) -> dict:
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"store": str(args.store), "command": " ".join(cmd[2:]), "wall_s": round(wall, 1),
             "peak_rss_mib": round(peak), "load_before": before, "load_after": load(),
-            "models": metrics.get("config", {}).get("models"), "timings": metrics.get("timings"),
+            "models": metrics.get("config", {}).get("models"), "timings_s": metrics.get("timings_s"),
+            "model_seconds": {k: v.get("seconds") for k, v in metrics.get("models", {}).items()},
             "stdout_tail": done.stdout[-400:]}
 
 

@@ -29,9 +29,9 @@ if __name__ != "__main__":
 
     from localdiff import make_denoiser
     from localdiff.cli import main
-    from localdiff.data import ImageDataset, load_dataset
+    from localdiff.data import load_dataset
     from localdiff.data.formats import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC
-    from localdiff.data.shards import block_shard_bounds, shard_bounds, shard_dataset
+    from localdiff.data.shards import block_shard_bounds, shard_bounds
     from localdiff.data.store import DATA_START, PREAMBLE, StoreFile
     from localdiff.data.store_dataset import StoreDataset
     from localdiff.data.store_pack import pack
@@ -307,6 +307,8 @@ def test_the_cli_writes_with_the_umask_and_the_store_is_deterministic(tmp_path, 
     assert main(["pack", str(src), str(tmp_path / "c.ldstore"), "--split", "test", "--no-progress"]) == 0
     with pytest.raises(DataError, match=r"holds the split\(s\) test, not 'train'.*--split train"):
         load_dataset(tmp_path / "c.ldstore")
+    with pytest.raises(DataError, match=r"not 'all'"):
+        load_dataset(tmp_path / "c.ldstore", split="all")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -348,6 +350,17 @@ def test_models_and_statistics_equal_the_in_memory_set(tmp_path):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=f"{name} t={t}")
 
 
+def test_the_cli_samples_from_a_store_as_from_its_source(tmp_path, tmp_cache):
+    src = make_source("npy", tmp_path)
+    pack(src, tmp_path / "s.ldstore", block_images=5, progress=False)
+    for data, out in ((src, "plain"), (tmp_path / "s.ldstore", "store")):
+        assert main(["sample", "--data", str(data), "--model", "optimal", "--num", "3", "--steps", "4",
+                     "--out", str(tmp_path / out)]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "store" / "samples.npy"), np.load(tmp_path / "plain" / "samples.npy"))
+    record = json.loads((tmp_path / "store" / "run.json").read_text())["dataset"]
+    assert record["storage"].startswith("uint8 store") and record["packed"]["source"] == str(src)
+
+
 def test_a_sequential_pass_reads_every_block_once(tmp_path):
     src = make_source("npy", tmp_path)
     pack(src, tmp_path / "s.ldstore", block_images=5, progress=False)
@@ -385,6 +398,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_set_larger_than_the_address_space_limit_is_denoised_by_streaming(tmp_path):
     """640 MiB of images (218,112 x 3 x 32 x 32) in a child whose address space may grow only 160 MiB past what
     torch and localdiff take at start-up: holding the set fails there (MemoryError), and `optimal` streams it
@@ -441,6 +455,8 @@ def test_block_shard_bounds():
     assert block_shard_bounds(starts, 2) == [(0, 12), (12, 22)]
     assert block_shard_bounds(starts, 4) == [(0, 4), (4, 12), (12, 16), (16, 22)]
     assert block_shard_bounds([0, 10], 2) == shard_bounds(10, 2)  # fewer blocks than ranks
+    # default blocks: the largest power of two of images in 8 MiB
+    assert [default_block_images(b) for b in (12288, 3072, 784, 1 << 24)] == [512, 2048, 8192, 1]
 
 
 def test_torchrun_ranks_read_only_their_blocks(tmp_path):

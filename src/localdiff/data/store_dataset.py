@@ -282,8 +282,8 @@ def open_store(path: str | Path, *, split: str = "train", resolution: int | None
     path = Path(path)
     file = StoreFile(path)
     h = file.header
-    names = [s for s in ("train", "test") if s in h.splits] if split == "all" else [split]
-    if split != "all" and split not in h.splits or not names:
+    names = ["train", "test"] if split == "all" else [split]
+    if any(s not in h.splits for s in names):
         raise DataError(f"{path}: the store holds the split(s) {', '.join(h.splits)}, not '{split}'; pack the source "
                         f"again with `localdiff pack SOURCE OUT --split {split}`")
     c, hh, ww = h.shape

@@ -71,13 +71,35 @@ class MomentState:
 
 def moments(data, *, device: str | torch.device = "cpu", chunk: int = 4096,
             progress: bool = True) -> MomentState:
-    """Stream the dataset once and return its MomentState (of the whole set, when ``data`` is a shard)."""
+    """Stream the dataset once and return its MomentState (of the whole set, when ``data`` is a shard).
+
+    Each chunk is folded into the running state in place (``accumulate``), so the memory is one [n, n]
+    scatter matrix plus two chunks, whatever the number of images: a peak of 2.2 GiB at 3 x 64 x 64
+    (n = 12,288) against 6.4 GiB for merging a new state per chunk."""
     state = MomentState.empty(data.dim, device)
     total = (len(data) + chunk - 1) // chunk
     for x in tqdm(data.chunks(chunk, device=device, dtype=torch.float64, flat=True), total=total,
                   desc="covariance", unit="chunk", disable=not progress, leave=False):
-        state = state.merge(MomentState.of(x))
+        accumulate(state, x)
+        del x
     return merge_ranks(state, shard_of(data))
+
+
+def accumulate(state: MomentState, x: torch.Tensor) -> None:
+    """Fold the chunk ``x`` [k, n] into ``state`` in place: the pairwise update of ``MomentState.merge`` with
+    ``MomentState.of(x)``, without its [n, n] temporaries (``m2 += xc^T xc + delta delta^T c k / (c + k)``)."""
+    x = x.to(torch.float64)
+    k = int(x.shape[0])
+    if k == 0:
+        return
+    mean = x.mean(dim=0)
+    xc = x - mean
+    total = state.count + k
+    delta = mean - state.mean
+    state.m2.addmm_(xc.T, xc)
+    state.m2.addr_(delta, delta, alpha=state.count * k / total)
+    state.mean.add_(delta, alpha=k / total)
+    state.count = total
 
 
 @dataclass
@@ -239,5 +261,5 @@ def describe_spectrum(spec: Spectrum) -> dict:
             "components_for_99pct": int(np.searchsorted(frac, 0.99) + 1)}
 
 
-__all__ = ["MomentState", "Spectrum", "moments", "eigendecompose", "data_spectrum", "save_spectrum",
+__all__ = ["MomentState", "Spectrum", "moments", "accumulate", "eigendecompose", "data_spectrum", "save_spectrum",
            "load_spectrum", "default_cache_dir", "describe_spectrum"]

@@ -1,5 +1,5 @@
-"""Readers for images in standard on-disk formats: MNIST-style IDX, CIFAR-10 python batches, image
-folders and ``.npy``/``.npz`` arrays.
+"""Readers for images in standard on-disk formats: MNIST-style IDX, CIFAR-10 python batches, Downsampled
+ImageNet batches, image folders and ``.npy``/``.npz`` arrays.
 
 Every reader returns a :class:`RawData` (images ``[N, C, H, W]`` as uint8 0..255, or float32 already
 on the [-1, 1] data scale, optional int64 labels, and a ``meta`` record of what was read) and raises
@@ -22,9 +22,14 @@ from ..errors import DataError
 from .arrays import image_array, read_npy, read_npz
 from .images import IMAGE_EXTENSIONS, IMAGE_FORMATS, read_image_folder
 from .limits import ReadLimits, expect_end, format_bytes, open_maybe_gzip, read_into
-from .raw import (ACCEPTED_PATHS, MAX_LABEL, RESIZE_METHOD, SPLIT_RULE, SPLITS, RawData, check_images, check_labels,
+from .raw import (ACCEPTED_PATHS as _READER_PATHS, MAX_LABEL, RESIZE_METHOD, SPLIT_RULE, SPLITS, RawData, check_images, check_labels,
                   fit_square, resize_images, split_indices, split_record, subset_indices)
 from .safe_pickle import load_pickle
+
+ACCEPTED_PATHS = _READER_PATHS + (
+    "\n  - a directory of Downsampled ImageNet batches: train_data_batch_1 .. 10 and val_data (pickled dicts, "
+    "from Imagenet64_train_part1/2.zip and Imagenet64_val.zip; the 32 and 16 px sets alike); labels 0-based\n"
+    "  - a store written by `localdiff pack SOURCE OUT` (read block by block, never held whole)")
 
 # ------------------------------------------------------------------------------------------------
 # MNIST-style IDX files (http://yann.lecun.com/exdb/mnist/: big-endian magic, dims, then the bytes)
@@ -218,6 +223,93 @@ def read_cifar_dir(directory: str | Path, split: str, limits: ReadLimits | None 
 
 
 # ------------------------------------------------------------------------------------------------
+# Downsampled ImageNet batches (Chrabaszcz et al. 2017, https://image-net.org/download-images.php:
+# Imagenet64_train_part1/2.zip hold train_data_batch_1 .. 10, Imagenet64_val.zip val_data; pickled dicts
+# with 'data' uint8 [N, 3 S S] (R, G, B planes) and 'labels' 1..1000; the 32 and 16 px sets alike)
+# ------------------------------------------------------------------------------------------------
+
+_IMAGENET_TRAIN = re.compile(r"train_data_batch_(\d+)$")
+IMAGENET_VAL = "val_data"
+_IMAGENET_HINT = ("re-extract it from the Downsampled ImageNet archives (Imagenet64_train_part1.zip, "
+                  "Imagenet64_train_part2.zip, Imagenet64_val.zip from https://image-net.org/download-images.php)")
+
+
+def imagenet_batches(directory: Path) -> dict[str, list[Path]]:
+    """``{"train": [train_data_batch_1, ...] (numeric order), "test": [val_data]}`` for the files present."""
+    found = [(int(m[1]), p) for p in directory.iterdir() if (m := _IMAGENET_TRAIN.fullmatch(p.name)) and p.is_file()]
+    val = directory / IMAGENET_VAL
+    return {"train": [p for _, p in sorted(found)], "test": [val] if val.is_file() else []}
+
+
+def is_imagenet_dir(directory: Path) -> bool:
+    return any(imagenet_batches(directory).values())
+
+
+def imagenet_files(directory: Path, split: str) -> list[Path]:
+    """The batch files of ``split`` ("all": train then val), or a DataError naming what is missing."""
+    batches = imagenet_batches(directory)
+    files = []
+    for part in ("train", "test") if split == "all" else (split,):
+        if not batches[part]:
+            want = "train_data_batch_1 .. train_data_batch_10" if part == "train" else IMAGENET_VAL
+            raise DataError(f"{directory}: no {want} for split '{part}' in this ImageNet batch directory; "
+                            f"{_IMAGENET_HINT}")
+        files += batches[part]
+    return files
+
+
+def read_imagenet_batch(path: str | Path, limits: ReadLimits | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One batch: images uint8 ``[N, 3, S, S]`` and labels int64 ``[N]``, 0-based (the file's 1..1000 minus 1)."""
+    path = Path(path)
+    d = load_pickle(path, encoding="bytes", hint=_IMAGENET_HINT, limits=limits)
+    if not isinstance(d, dict):
+        raise DataError(f"{path}: an ImageNet batch is a dict with 'data' and 'labels', found {type(d).__name__}; "
+                        f"{_IMAGENET_HINT}")
+    d = {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in d.items()}
+    if "data" not in d or "labels" not in d:
+        keys = sorted(repr(k)[:40] for k in d)
+        raise DataError(f"{path}: an ImageNet batch has keys 'data' and 'labels', found [{', '.join(keys[:20])}]; "
+                        f"{_IMAGENET_HINT}")
+    x = d["data"]
+    side = math.isqrt(x.shape[1] // 3) if isinstance(x, np.ndarray) and x.ndim == 2 else 0
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or side < 1 or x.shape[1] != 3 * side * side:
+        desc = f"{x.dtype} array of shape {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise DataError(f"{path}: 'data' must be a uint8 array [N, 3 S S] (R, G, B planes of S x S pixels), found "
+                        f"{desc}; {_IMAGENET_HINT}")
+    if x.shape[0] == 0:
+        raise DataError(f"{path}: 'data' holds no images; {_IMAGENET_HINT}")
+    y = check_labels(d["labels"], x.shape[0], str(path))
+    if y.min() < 1:
+        raise DataError(f"{path}: ImageNet batch labels are class numbers 1..1000, found {int(y.min())}; the file is "
+                        f"corrupt or not a Downsampled ImageNet batch: {_IMAGENET_HINT}")
+    return x.reshape(-1, 3, side, side), y - 1
+
+
+def read_imagenet_dir(directory: str | Path, split: str, limits: ReadLimits | None = None) -> RawData:
+    """Read Downsampled ImageNet batches: train = train_data_batch_*, test = val_data; labels 0-based.
+    The whole split is held in memory (15.7 GB for ImageNet-64's train split): pack it into a store
+    (``localdiff pack``) to use it without that."""
+    root = Path(directory)
+    limits = limits or ReadLimits.resolve()
+    files = imagenet_files(root, split)
+    xs, ys, total = [], [], 0
+    for p in files:
+        x, y = read_imagenet_batch(p, limits)
+        total += x.nbytes
+        if 2 * total > limits.max_bytes:
+            raise DataError(f"{root}: the batches up to {p.name}, joined, would take {format_bytes(2 * total)} in "
+                            f"memory, more than the cap of {format_bytes(limits.max_bytes)}; pack them into a store "
+                            "that is read block by block (`localdiff pack DIR OUT`), or raise the cap "
+                            "(--max-data-bytes)")
+        xs.append(x)
+        ys.append(y)
+    if len({x.shape[1:] for x in xs}) > 1:
+        raise DataError(f"{root}: the batches hold images of different sizes; they do not belong together")
+    return RawData(images=np.concatenate(xs), labels=np.concatenate(ys),
+                   meta={"format": "imagenet-batches", "files": [p.name for p in files], "labels": "0-based"})
+
+
+# ------------------------------------------------------------------------------------------------
 # .npy / .npz arrays (numpy's own format, read without pickle: see .arrays)
 # ------------------------------------------------------------------------------------------------
 
@@ -272,7 +364,8 @@ def _read_path(path: Path, split: str, resolution, subset, seed, limits: ReadLim
         if suffix in (".npy", ".npz"):
             return read_array_file(path, limits, split)
         name = path.name.lower()
-        if _IDX_NAME.search(name) or name in ("test_batch",) or name.startswith("data_batch_"):
+        if (_IDX_NAME.search(name) or name in ("test_batch", IMAGENET_VAL) or name.startswith("data_batch_")
+                or _IMAGENET_TRAIN.fullmatch(name)):
             raise DataError(f"{path}: pass the directory that holds this file ({path.parent}), not the file")
         if name.endswith((".tar.gz", ".tgz", ".tar", ".zip")):
             raise DataError(f"{path}: is an archive; extract it and pass the extracted directory")
@@ -281,12 +374,15 @@ def _read_path(path: Path, split: str, resolution, subset, seed, limits: ReadLim
         raise DataError(f"{path}: no such file or directory. {ACCEPTED_PATHS}")
     if is_cifar_dir(path):
         return read_cifar_dir(path, split, limits)
+    if is_imagenet_dir(path):
+        return read_imagenet_dir(path, split, limits)
     if find_idx_files(path):
         return read_idx_dir(path, split, limits)
     return read_image_folder(path, split, resolution=resolution, subset=subset, seed=seed, limits=limits)
 
 
 __all__ = ["RawData", "ACCEPTED_PATHS", "SPLITS", "RESIZE_METHOD", "MAX_LABEL", "read_path", "read_idx",
-           "read_idx_dir", "read_cifar_batch", "read_cifar_dir", "read_image_folder", "read_array_file", "image_array",
+           "read_idx_dir", "read_cifar_batch", "read_cifar_dir", "read_imagenet_batch", "read_imagenet_dir",
+           "read_image_folder", "read_array_file", "image_array",
            "check_labels", "check_images", "load_pickle", "IMAGE_FORMATS", "IMAGE_EXTENSIONS", "format_bytes",
            "fit_square", "resize_images", "subset_indices"]

@@ -14,6 +14,7 @@ from .builtin import BUILTINS
 from .dataset import ImageDataset
 from .formats import ACCEPTED_PATHS, RESIZE_METHOD, SPLITS, RawData, read_path, resize_images
 from .limits import ReadLimits
+from .store import is_store
 
 BUILTIN_DATASETS: dict[str, str] = {name: b.description for name, b in BUILTINS.items()}
 
@@ -39,9 +40,11 @@ def load_dataset(
     ``[N, H, W, C]`` is read exactly as a ``.npy`` file holding it (but split "train"/"all" keep every
     image of an array in memory: it is the training set as given).
 
-    A path may be an MNIST-style IDX directory, a CIFAR-10 python directory, an image folder or a
-    ``.npy``/``.npz`` file (format detected; see ``formats.ACCEPTED_PATHS``). Names take precedence:
-    write "./mnist" for a local folder called "mnist".
+    A path may be an MNIST-style IDX directory, a CIFAR-10 python directory, a directory of ImageNet-64
+    pickled batches, an image folder, a ``.npy``/``.npz`` file (format detected; see
+    ``formats.ACCEPTED_PATHS``) or a store written by ``localdiff pack`` (:mod:`.store`), which returns a
+    :class:`~.store_dataset.StoreDataset`: the same API, its images read block by block on demand. Names
+    take precedence: write "./mnist" for a local folder called "mnist".
 
     split: "train", "test" or "all" (train followed by test).
     resolution: resize every image to ``resolution x resolution`` (non-square images are
@@ -89,6 +92,10 @@ def load_dataset(
             raise DataError(f"'{name_or_path}' is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) nor an "
                             f"existing file or directory.\n{ACCEPTED_PATHS}")
         path = path.resolve()
+        if path.is_file() and is_store(path):  # a store: read on demand, never held whole (data/store.py)
+            from .store_dataset import open_store
+
+            return open_store(path, split=split, resolution=resolution, channels=channels, subset=subset, seed=seed)
         data = read_path(path, split, resolution=resolution, subset=subset, seed=seed, limits=limits)
         name, source, seeded = path.stem if path.is_file() else path.name, str(path), False
     return _finish(data, name=name, source=source, split=split, resolution=resolution, channels=channels,
@@ -161,21 +168,29 @@ def _finish(data: RawData, *, name: str, source: str, split: str, resolution: in
     elif data.resized:
         resized = data.meta.get("resize")  # the reader's own record (None: resolution was not a resize)
     raw, conversion = convert_channels(raw, channels)
-    h, w = raw.shape[2:]
-    meta = {
+    meta = load_record(data.meta, source=source, split=split, native=native, shape=raw.shape[1:], resize=resized,
+                       conversion=conversion, subset=subset, seed=seed, seeded=seeded)
+    return ImageDataset(raw=raw, name=name, meta=meta, labels=labels)
+
+
+def load_record(reader_meta: dict, *, source: str, split: str, native, shape, resize: str | None,
+                conversion: str | None, subset: int | None = None, seed: int = 0, seeded: bool = False) -> dict:
+    """The ``meta`` of a loaded dataset: the source, the reader's record and every choice (the images were
+    ``native`` [C, H, W] as read and are ``shape`` [C, H, W] now)."""
+    c, h, w = (int(v) for v in shape)
+    return {
         "source": source,
-        **data.meta,
+        **reader_meta,
         "split": split,
-        "native_shape": native,
-        "resolution": int(h) if h == w else [int(h), int(w)],
-        "resize": resized,
-        "channels": int(raw.shape[1]),
+        "native_shape": [int(v) for v in native],
+        "resolution": h if h == w else [h, w],
+        "resize": resize,
+        "channels": c,
         "channel_conversion": conversion,
         "subset": None if subset is None else int(subset),
         # the seed is recorded only where it changed the images, so it never splits caches needlessly
         "seed": int(seed) if (subset is not None or seeded) else None,
     }
-    return ImageDataset(raw=raw, name=name, meta=meta, labels=labels)
 
 
 def convert_channels(raw: np.ndarray, channels: int | None) -> tuple[np.ndarray, str | None]:

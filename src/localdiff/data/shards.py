@@ -26,6 +26,17 @@ def shard_bounds(total: int, size: int) -> list[tuple[int, int]]:
     return [(r * total // size, (r + 1) * total // size) for r in range(size)]
 
 
+def block_shard_bounds(starts, size: int) -> list[tuple[int, int]]:
+    """Shards cut at block boundaries: ``starts`` [nb + 1] are the first image of each block of a store and the
+    total; rank r holds blocks ``r nb // size .. (r + 1) nb // size - 1`` (their counts differ by at most one), so
+    no block is read by two ranks. With fewer blocks than ranks, ``shard_bounds`` (boundary blocks shared)."""
+    starts = [int(s) for s in starts]
+    nb, total = len(starts) - 1, starts[-1]
+    if nb < size:
+        return shard_bounds(total, size)
+    return [(starts[r * nb // size], starts[(r + 1) * nb // size]) for r in range(size)]
+
+
 @dataclass(frozen=True)
 class Shard:
     """Rank ``rank`` of ``size`` holds images ``start .. stop - 1`` of the ``total`` training images."""
@@ -35,10 +46,12 @@ class Shard:
     start: int
     stop: int
     total: int
+    bounds: tuple | None = None  # every rank's (start, stop) where not ``shard_bounds`` (a store: block-aligned)
 
     def record(self) -> dict:
         """For run records: the world size and every rank's ``[start, stop)``."""
-        return {"world_size": self.size, "bounds": [list(b) for b in shard_bounds(self.total, self.size)]}
+        bounds = self.bounds if self.bounds is not None else shard_bounds(self.total, self.size)
+        return {"world_size": self.size, "bounds": [list(b) for b in bounds]}
 
 
 @dataclass
@@ -96,12 +109,16 @@ class ShardedDataset(ImageDataset):
 def shard_dataset(data: ImageDataset) -> ImageDataset:
     """This rank's shard of ``data`` in a torchrun job of more than one process; ``data`` itself otherwise.
 
-    The shard is a copy, so the whole set's memory is freed once the caller drops it. More processes than
+    The shard is a copy, so the whole set's memory is freed once the caller drops it; a store dataset
+    (:mod:`.store_dataset`) gives a view of its rank's blocks instead and reads nothing. More processes than
     images is an error: every rank needs at least one image of its own.
     """
     w = world()
     if not w.active or isinstance(data, ShardedDataset):
         return data
+    take_shard = getattr(data, "take_shard", None)
+    if take_shard is not None:  # a store: this rank's blocks only, nothing read
+        return take_shard(w.rank, w.size)
     total = len(data)
     if w.size > total:
         raise ConfigError(f"this torchrun job has {w.size} processes but the training set '{data.name}' holds "
@@ -125,4 +142,5 @@ def total_images(data) -> int:
     return s.total if s is not None else len(data)
 
 
-__all__ = ["Shard", "ShardedDataset", "shard_bounds", "shard_dataset", "shard_of", "total_images"]
+__all__ = ["Shard", "ShardedDataset", "shard_bounds", "block_shard_bounds", "shard_dataset", "shard_of",
+           "total_images"]

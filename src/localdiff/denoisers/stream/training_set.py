@@ -9,11 +9,26 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from ...data.dataset import _to_float
 from ...data.shards import shard_of, total_images
 from ...errors import ConfigError
+
+
+STREAMED_CHUNK_BYTES = 16 << 20  # float images per chunk read from a store: about 16 MB
+
+
+def streamed(data) -> bool:
+    """Whether the images are read from disk block by block (a store, :mod:`localdiff.data.store`)."""
+    return not isinstance(data.raw, np.ndarray)
+
+
+def default_resident(data, device: torch.device, nbytes: int, max_bytes: int) -> bool:
+    """Keep the float copy on the device when it fits, except a store's on the CPU: there the copy would only
+    duplicate in memory what the store streams from the page cache."""
+    return nbytes <= max_bytes and not (streamed(data) and device.type == "cpu")
 
 
 class TrainingSet:
@@ -32,7 +47,10 @@ class TrainingSet:
         self.shard, self.total = shard_of(data), total_images(data)
         self.offset = self.shard.start if self.shard is not None else 0
         bytes_needed = len(data) * data.dim * torch.finfo(dtype).bits // 8
-        self.resident = bytes_needed <= max_resident_bytes if resident is None else bool(resident)
+        self.resident = default_resident(data, device, bytes_needed, max_resident_bytes) if resident is None \
+            else bool(resident)
+        if not self.resident and streamed(data):  # read from disk: chunks of about 16 MB, not 4096 images
+            self.chunk = max(1, min(self.chunk, STREAMED_CHUNK_BYTES // (data.dim * torch.finfo(dtype).bits // 8)))
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         if self.resident:
             self._cache = [(y, (y * y).sum(dim=1)) for y in self._convert()]
@@ -75,7 +93,8 @@ class ColumnBlocks:
         self.data, self.device, self.dtype, self.chunk = data, device, dtype, int(chunk)
         self.shard, self.total = shard_of(data), total_images(data)
         nbytes = len(data) * data.dim * torch.finfo(dtype).bits // 8
-        self.resident = nbytes <= max_resident_bytes if resident is None else bool(resident)
+        self.resident = default_resident(data, device, nbytes, max_resident_bytes) if resident is None \
+            else bool(resident)
         self._full = None
         if self.resident:
             self._full = torch.empty((data.dim, len(data)), device=device, dtype=dtype)

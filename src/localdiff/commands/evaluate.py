@@ -6,8 +6,9 @@ import sys
 import time
 
 from ..errors import ConfigError
-from .common import (add_data_args, command_line, load_data_from_args, load_held_out, model_options, name_list,
-                     new_run_dir, timestep_list, versions)
+from .common import (add_data_args, add_network_args, add_sampling_args, command_line, levels_list, load_data_from_args,
+                     load_held_out, model_options, name_list, new_run_dir, sampler_from_args, schedule_from_args,
+                     versions)
 
 
 def register(subparsers) -> None:
@@ -21,6 +22,8 @@ def register(subparsers) -> None:
     p.add_argument("--opt", action="append", metavar="MODEL.KEY=VALUE",
                    help="a model option, prefixed by the model name, e.g. unet.path=DIR (repeatable)")
     p.add_argument("--timesteps", default="100,300,500,700", help="comma-separated timesteps (default 100,300,500,700)")
+    p.add_argument("--sigmas", default=None, help="comma-separated noise levels sigma instead of --timesteps "
+                                                  "(any schedule; e.g. 80,10,1,0.1)")
     p.add_argument("--num", type=int, default=500, help="held-out images (default 500)")
     p.add_argument("--held-out-split", default="test", help="split of the held-out images (default test)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -28,17 +31,20 @@ def register(subparsers) -> None:
     p.add_argument("--samples", type=int, default=0,
                    help="also generate this many samples per model (DDIM, same noise) and compare their distance to "
                         "the nearest training image with that of as many held-out images (memorisation; default 0)")
-    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of those samples (default 50)")
+    p.add_argument("--sample-steps", type=int, default=50, help="sampling steps of those samples (default 50)")
+    add_sampling_args(p)
+    add_network_args(p)
     p.add_argument("--allow-foreign-unet", action="store_true",
                    help="use a U-Net whose manifest names other training data (refused otherwise)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--out", required=True, help="new directory for the results (never overwritten)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
-def format_table(results: dict, timesteps: list[int]) -> str:
-    """A Markdown table: one row per model, MSE ± standard error per timestep."""
-    head = "| model | " + " | ".join(f"t={t}" for t in timesteps) + " |"
+def format_table(results: dict, timesteps: list) -> str:
+    """A Markdown table: one row per model, MSE ± standard error per level."""
+    head = "| model | " + " | ".join(f"t={t}" if isinstance(t, int) else f"σ={t[2:]}" for t in timesteps) + " |"
     rows = [head, "| --- |" + " --- |" * len(timesteps)]
     for name, per_t in results.items():
         rows.append(f"| {name} | " + " | ".join(f"{per_t[t]['mse']:.4f} ± {per_t[t]['se']:.4f}"
@@ -58,17 +64,22 @@ def format_comparisons(paired: dict) -> str:
     return "\n".join(rows)
 
 
-def memorisation(dens: dict, data, held_out, args) -> dict:
+def memorisation(dens: dict, data, held_out, args) -> tuple[dict, dict]:
     """Nearest-training-image distances of each model's samples and of held-out images (the baseline a
-    model that generalises should match; copies of training images sit near 0)."""
+    model that generalises should match; copies of training images sit near 0), and the sampler's record."""
     from .. import sample
     from ..metrics import nearest_training_distances
 
-    out = {"held_out": nearest_training_distances(held_out[:args.samples], data, progress=True).summary()}
+    from ..diffusion import grid_for
+
+    progress = not args.no_progress
+    out = {"held_out": nearest_training_distances(held_out[:args.samples], data, progress=progress).summary()}
+    ref = dens.get("unet", next(iter(dens.values())))  # one grid for every model: the network's, if any
+    grid = grid_for(ref, sampler_from_args(args, args.sample_steps), schedule=schedule_from_args(args))
     for name, den in dens.items():
-        x = sample(den, num=args.samples, steps=args.sample_steps, seed=args.seed, batch_size=args.batch_size)
-        out[name] = nearest_training_distances(x, data, progress=True).summary()
-    return out
+        x = sample(den, num=args.samples, seed=args.seed, grid=grid, batch_size=args.batch_size, progress=progress)
+        out[name] = nearest_training_distances(x, data, progress=progress).summary()
+    return out, grid.record()
 
 
 def format_memorisation(memo: dict) -> str:
@@ -86,14 +97,27 @@ def run(args) -> int:
     from ..evaluate import denoising_errors, paired_mse_comparisons, summarize_errors
     from ..reference import overlapping
     from ..fileio import write_bytes, write_json
+    from ..schedules import level_key
+
+    from .. import DEFAULT_SCHEDULE
+    from ..device import resolve_device
 
     models = name_list(args.models, "--models")
-    timesteps = timestep_list(args.timesteps, "--timesteps")
+    schedule = schedule_from_args(args)
+    timesteps = levels_list(args.timesteps, args.sigmas, schedule)
     if args.num < 1:
         raise ConfigError(f"--num must be positive, got {args.num}")
     if args.samples < 0 or args.samples > args.num or args.sample_steps < 1:
         raise ConfigError(f"--samples must be between 0 and --num ({args.num}) and --sample-steps positive")
     opts = model_options(args.opt, models)
+    if "unet" in opts:
+        if args.unet is not None:
+            opts["unet"]["path"] = args.unet
+        if args.class_label is not None:
+            opts["unet"]["class_label"] = args.class_label
+    elif args.unet is not None:
+        raise ConfigError("--unet names the network of model unet, which is not among --models")
+    device = resolve_device(args.device)
     if args.allow_foreign_unet:
         if "unet" not in models:
             raise ConfigError("--allow-foreign-unet is given but unet is not among --models")
@@ -109,21 +133,27 @@ def run(args) -> int:
         if overlapping(data, held_out):
             warnings.append("the held-out images come from the training split (--held-out-split equals --split): "
                             "a model that copies the training set (optimal, nearest) scores near 0 on them")
-        dens = {name: make_denoiser(name, data, **{"device": args.device, **opts[name]}) for name in models}
-        errors = denoising_errors(dens, images, timesteps, generator=torch.Generator().manual_seed(args.seed),
-                                  batch_size=args.batch_size, schedule=next(iter(dens.values())).schedule)
+        run_schedule = schedule or DEFAULT_SCHEDULE
+        dens = {name: make_denoiser(name, data, schedule=run_schedule, **{"device": device, **opts[name]})
+                for name in models}
+        levels = [run_schedule.at(t) for t in timesteps]  # the run's levels, whatever each model's own schedule
+        keys = [t if isinstance(t, int) else level_key(t) for t in timesteps]
+        errors = denoising_errors(dens, images, levels, generator=torch.Generator().manual_seed(args.seed),
+                                  batch_size=args.batch_size, schedule=run_schedule, progress=not args.no_progress)
+        errors = {name: dict(zip(keys, per_t.values())) for name, per_t in errors.items()}
         results = summarize_errors(errors)
         paired = paired_mse_comparisons(errors) if len(models) > 1 else {}
-        table = format_table(results, timesteps)
+        table = format_table(results, keys)
         if paired:
             table += "\n\nPaired per timestep (same noisy images; 95% Student-t intervals of the mean difference):\n\n" \
                 + format_comparisons(paired)
-        memo = memorisation(dens, data, images, args) if args.samples > 0 else None
+        memo, memo_sampler = memorisation(dens, data, images, args) if args.samples > 0 else (None, None)
         if memo is not None:
             table += "\n\n" + format_memorisation(memo)
         write_json(tmp / "evaluate.json", {
             "command": command_line(), "dataset": data.describe(), "held_out": held_out.describe(),
-            "timesteps": timesteps, "seed": args.seed,
+            "timesteps": [t if isinstance(t, int) else None for t in timesteps],
+            "sigmas": [lv.sigma for lv in levels], "schedule": run_schedule.record(), "seed": args.seed,
             "models": {name: den.settings() for name, den in dens.items()},
             "mse": {name: {str(t): v for t, v in per_t.items()} for name, per_t in results.items()},
             "mse_per_image": {name: {str(t): v.tolist() for t, v in per_t.items()} for name, per_t in errors.items()},
@@ -132,7 +162,7 @@ def run(args) -> int:
             "comparison_method": "paired over held-out images (same noise): mean of per-image MSE differences "
                                  "a - b, 95% Student-t interval, images where a is lower",
             "warnings": warnings,
-            "memorisation": memo,
+            "memorisation": memo, "memorisation_sampler": memo_sampler,
             "seconds": time.perf_counter() - t0, "versions": versions(),
         })
         write_bytes(tmp / "mse.md", (table + "\n").encode())

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from .data.shards import total_images
@@ -49,6 +50,29 @@ def field_levels(schedule, timesteps) -> list:
     if getattr(schedule, "discrete", False):
         return [schedule.at(t) for t in timesteps]
     return [schedule.level(float(DEFAULT_SCHEDULE.sigmas[DEFAULT_SCHEDULE.check_t(t)])) for t in timesteps]
+
+
+EXPLORER_MAX_PIXELS = 1024  # positions (H x W) up to which the page embeds every pixel's field (n^2 values per level)
+
+
+def exact_fields(spectrum, shape, levels, tau=None) -> dict | None:
+    """Every pixel's exact Wiener field (input-independent: row i of J_t) and the paper's mask at ``levels``,
+    for the page's field explorer: ``{"labels", "fields": {"wiener": [T, P, P]}, "masks": {...}, "mean"}``;
+    None above :data:`EXPLORER_MAX_PIXELS` positions."""
+    from .denoisers.masked.masks import default_tau
+    from .probing.fields import level_fields
+    from .schedules import level_key
+
+    c, h, w = shape
+    if h * w > EXPLORER_MAX_PIXELS:
+        return None
+    tau = float(tau) if tau is not None else default_tau(tuple(shape))[0]
+    per = [level_fields(spectrum, tuple(shape), lv, tau) for lv in levels]
+    labels = [("t = " + k) if k.isdigit() else ("σ = " + k[2:]) for k in (level_key(lv) for lv in levels)]
+    return {"labels": labels, "tau": tau,
+            "fields": {"wiener": np.stack([f.display.numpy() for f in per])},
+            "masks": {"wiener": np.stack([f.masks.numpy() for f in per])},
+            "mean": spectrum.mean.reshape(shape).cpu().numpy()}
 
 
 def fields_skip_reason(caps: Capabilities, device: torch.device) -> str | None:
@@ -221,6 +245,7 @@ def run_study(data, held_out, config: StudyConfig = StudyConfig(), *, options: d
     spectrum = data_spectrum(fit_data, progress=progress)
     statistics = describe_spectrum(spectrum)
     eigvals = spectrum.eigvals.cpu().numpy().copy()
+    explorer = exact_fields(spectrum, fit_data.shape, field_ts, options.get("masked", {}).get("tau"))
     seconds["statistics"] = time.perf_counter() - t0
     bar.update()
 
@@ -298,7 +323,7 @@ def run_study(data, held_out, config: StudyConfig = StudyConfig(), *, options: d
         config=config, device=str(device), dataset=data.describe(), fitted_on=fit_data.describe(),
         held_out=held_out.describe(), yardstick=ref_set.describe(), statistics=statistics, eigvals=eigvals, grid=grid,
         init_noise=noise, runs=runs, held_out_nearest=held_out_nearest, field_skipped=field_skipped,
-        seconds=seconds, reference_quality=reference_quality, warnings=warnings)
+        seconds=seconds, reference_quality=reference_quality, warnings=warnings, explorer=explorer)
 
 
 __all__ = ["ReferenceUnavailable", "StudyConfig", "StudyResults", "ModelRun", "QUICK", "GPU", "CPU_MODELS",

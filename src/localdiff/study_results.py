@@ -83,6 +83,7 @@ class StudyResults:
     field_skipped: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     reference_quality: dict | None = None  # the U-Net's held-out denoising MSE beside wiener's and optimal's
+    explorer: dict | None = None  # every pixel's exact Wiener field and mask at the field levels, for the page
     warnings: list[str] = field(default_factory=list)  # what the reader must know before trusting the numbers
 
     @property

@@ -77,10 +77,18 @@ def write_study(results, data, out: Path, *, command: str, versions: dict) -> di
     for n, r in runs.items():
         write_bytes(out / f"grid_{n}.png", grid_png(r.samples, nrow=min(8, r.samples.shape[0])))
 
+    explorer = None
+    if results.explorer is not None:
+        from ..probing.explorer import field_explorer
+
+        ex = results.explorer
+        explorer = field_explorer(ex["fields"], tuple(ex["mean"].shape), ex["labels"], masks=ex["masks"],
+                                  backgrounds={k: ex["mean"] for k in ex["fields"]}, element_id="study-explorer",
+                                  title="Wiener field explorer", mask_label=f"the masked model's mask (tau {ex['tau']:g})")
     metrics["files"] = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) + \
         ["metrics.json", "report.html"]
     write_json(out / "metrics.json", metrics)
-    write_bytes(out / "report.html", study_report(metrics, images).encode("utf-8"))
+    write_bytes(out / "report.html", study_report(metrics, images, explorer=explorer).encode("utf-8"))
     return metrics
 
 

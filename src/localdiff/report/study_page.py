@@ -243,9 +243,10 @@ def _grid_text(s: dict) -> str:
             f"({where}{rounded})")
 
 
-def study_report(metrics: dict, images: dict[str, bytes]) -> str:
+def study_report(metrics: dict, images: dict[str, bytes], explorer: str | None = None) -> str:
     """The study page. ``metrics`` is the study's metrics.json (with ``command`` and ``versions``);
-    ``images`` maps a figure key (see FIGURE_TEXT) to PNG bytes."""
+    ``images`` maps a figure key (see FIGURE_TEXT) to PNG bytes; ``explorer`` the field explorer's fragment
+    (:func:`localdiff.probing.field_explorer`) of the exact fields, if any."""
     m = metrics
     ds = m["dataset"]
     cfg = m["config"]
@@ -280,6 +281,11 @@ def study_report(metrics: dict, images: dict[str, bytes]) -> str:
     for key in ("r2_per_step", "mse_per_step", "final_r2", "samples"):
         parts.append(_figure(images, key, unet=unet))
     parts.append(_figure(images, "fields", unet=unet, extra=esc(_field_note(m))))
+    if explorer:
+        parts += ["<h3>Every pixel's exact Wiener field</h3><p>The Wiener filter's Jacobian does not depend on the "
+                  "input, so its field is exact for every pixel. Hover over or click a pixel of the mean image "
+                  "(the arrow keys move it) to see its field at each noise level of the study and the paper's mask "
+                  "of that pixel; the masked model compares only the pixels in that mask.</p>", explorer]
     parts.append(_locality_table(m))
     skipped = {n: e["fields"]["skipped"] for n, e in m["models"].items()
                if (e.get("fields") or {}).get("skipped")}

@@ -39,8 +39,8 @@ def locality_figure(record: dict) -> bytes:
     x = np.asarray([int(t) for t in ts])
     fig, axes = plt.subplots(2, 3, figsize=(15, 7), layout="constrained")
     axes = axes.ravel()
-    panels = [("extent_r90", "p25", "p75", "r90 of |field| mass (px)", "extent: 90% of the absolute mass within"),
-              ("energy_r90", "p25", "p75", "r90 of field energy (px)", "extent: 90% of the energy within"),
+    panels = [("energy_r90", "p25", "p75", "r90 of field energy (px)", "extent: 90% of the energy within"),
+              ("extent_r90", "p25", "p75", "r90 of |field| mass (px)", "extent: 90% of the absolute mass within"),
               ("axis_ratio", "p25", "p75", "axis ratio (1 = isotropic)", "anisotropy"),
               (None, None, None, "IQR of r90 across pixels (px)", "stationarity (0 = same everywhere)"),
               ("mask_size", "p10", "p90", "mask size (pixels)", "the paper's mask: size"),

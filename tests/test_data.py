@@ -493,3 +493,22 @@ def test_fingerprint_follows_preprocessing():
     assert load_dataset("digits", subset=50).fingerprint == base.fingerprint
     assert base.meta["subset"] == 50 and base.meta["seed"] == 0 and base.meta["source"] == "builtin:digits"
     assert load_dataset("digits").meta["seed"] is None  # the seed changed nothing here
+
+
+def test_an_array_in_memory_splits_like_a_file_holding_it(tmp_path):
+    """load_dataset(array, split=...) follows the every-10th rule of a .npy file, so held-out images of an array
+    are never its training images; a model given the array itself takes every image."""
+    from localdiff import make_denoiser
+
+    x = np.random.default_rng(3).integers(0, 256, (53, 1, 6, 6)).astype(np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    for split in ("train", "test", "all"):
+        mem, file = load_dataset(x, split=split), load_dataset(tmp_path / "x.npy", split=split)
+        assert np.array_equal(mem.raw, file.raw) and mem.meta["split_rule"] == file.meta["split_rule"] \
+            if split != "all" else np.array_equal(mem.raw, x)
+    train, test = load_dataset(x), load_dataset(x, split="test")
+    assert len(train) + len(test) == 53 and len(test) == 5
+    assert not ({r.tobytes() for r in train.raw} & {r.tobytes() for r in test.raw})
+    assert len(make_denoiser("optimal", x, device="cpu").train_set) == 53
+    with pytest.raises(ConfigError, match="no held-out part"):
+        load_dataset(x[:9], split="test")

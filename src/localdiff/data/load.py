@@ -14,6 +14,7 @@ from .builtin import BUILTINS
 from .dataset import ImageDataset
 from .formats import ACCEPTED_PATHS, RESIZE_METHOD, SPLITS, RawData, read_path, resize_images
 from .limits import ReadLimits
+from .raw import HELD_OUT_EVERY, split_indices, split_record
 from .store import is_store
 
 BUILTIN_DATASETS: dict[str, str] = {name: b.description for name, b in BUILTINS.items()}
@@ -37,8 +38,8 @@ def load_dataset(
 
     One value convention for files and arrays: uint8 0..255, or floats in [0, 1] (mapped to the data
     scale [-1, 1] by ``2 x - 1``); a numpy array or torch tensor ``[N, H, W]``, ``[N, C, H, W]`` or
-    ``[N, H, W, C]`` is read exactly as a ``.npy`` file holding it (but split "train"/"all" keep every
-    image of an array in memory: it is the training set as given).
+    ``[N, H, W, C]`` is read exactly as a ``.npy`` file holding it: without a split of its own, "test" is every
+    10th image and "train" the rest (a model given an array, :func:`as_dataset`, takes every image).
 
     A path may be an MNIST-style IDX directory, a CIFAR-10 python directory, a directory of ImageNet-64
     pickled batches, an image folder, a ``.npy``/``.npz`` file (format detected; see
@@ -67,12 +68,16 @@ def load_dataset(
     if _is_array(name_or_path):
         if options:
             raise ConfigError(f"option(s) {', '.join(sorted(options))} apply only to built-in datasets")
-        if split == "test":
-            raise ConfigError("an array held in memory has no held-out part (split='test'); pass held-out images "
-                              "as a second array, or save the array as .npz and load the path (every 10th image is "
-                              "then 'test')")
-        data = _array_data(name_or_path, limits)
-        return _finish(data, name="array", source="array", split="all", resolution=resolution, channels=channels,
+        data = _array_data(name_or_path, limits)  # split as a .npy file holding it: every 10th image is "test"
+        idx = split_indices(len(data.images), split)
+        if len(idx) == 0:
+            raise ConfigError(f"an array of {len(data.images)} images has no held-out part: 'test' is every "
+                              f"{HELD_OUT_EVERY}th image; pass at least {HELD_OUT_EVERY} images, or held-out images as "
+                              "a second array")
+        if split != "all":
+            data = RawData(images=data.images[idx], meta={**data.meta, **split_record(len(data.images), split)},
+                           labels=None if data.labels is None else data.labels[idx])
+        return _finish(data, name="array", source="array", split=split, resolution=resolution, channels=channels,
                        subset=subset, seed=seed, seeded=False)
     builtin = _builtin_name(name_or_path)
     if builtin is not None:
@@ -126,7 +131,9 @@ def as_dataset(data, *, what: str = "data") -> ImageDataset:
     convention of files (uint8 0..255, or floats in [0, 1])."""
     if isinstance(data, ImageDataset):
         return data
-    if _is_array(data) or isinstance(data, (str, os.PathLike)):
+    if _is_array(data):  # images given to a model are its training set as given: every one of them
+        return load_dataset(data, split="all")
+    if isinstance(data, (str, os.PathLike)):
         return load_dataset(data)
     raise ConfigError(f"{what} must be an ImageDataset (load_dataset(...)), a built-in name or path, or images as "
                       f"a numpy array or torch tensor [N, C, H, W] (uint8 0..255 or floats in [0, 1]); got "

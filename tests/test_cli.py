@@ -149,3 +149,23 @@ def test_opt_strings_reach_typed_options(npz_data, tmp_path, tmp_cache):
                  "--opt", "tau=0.05", "--num", "2", "--steps", "2", "--device", "cpu", "--out", str(out)]) == 0
     run = json.loads((out / "run.json").read_text())
     assert run["model"]["tile"] == [2, 3] and run["model"]["path"] == "grouped" and run["model"]["tau"] == 0.05
+
+
+def test_every_command_takes_the_same_running_flags():
+    """--no-progress on every command; --device and --seed on every command that computes with models; the
+    same help wording for --device."""
+    import argparse
+
+    from localdiff.cli import build_parser
+    from localdiff.commands import COMMANDS
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert len(subs) == len(COMMANDS)  # one sub-command per module
+    for name, sub in subs.items():
+        flags = {o for a in sub._actions for o in a.option_strings}
+        assert "--no-progress" in flags, name
+        if name not in ("convert-network", "pack"):
+            assert {"--device", "--seed"} <= flags, name
+            device = next(a for a in sub._actions if "--device" in a.option_strings)
+            assert device.help.startswith("cpu, cuda or auto"), (name, device.help)

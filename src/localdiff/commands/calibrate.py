@@ -29,6 +29,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images per denoiser call (default 16)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--out", required=True, metavar="FILE.json", help="new schedule file (never overwritten)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
     p.set_defaults(func=run)
 
 
@@ -42,7 +43,7 @@ def run(args) -> int:
     result = calibrate_patch_sizes(args.model, data, target, timesteps=timesteps, sizes=sizes,
                                    num_images=args.num, seed=args.seed, held_out=held_out,
                                    model_options=model_opts, batch_size=args.batch_size, out=None,
-                                   progress=lambda line: print(line, flush=True))
+                                   progress=None if args.no_progress else (lambda line: print(line, flush=True)))
     write_calibration(result, out, args, held_out, time.perf_counter() - t0)
     print(f"wrote the {args.model} patch-size schedule to {out} ({result['seconds']:.1f} s): "
           + ", ".join(f"t={t}: {s}" for t, s in result["patch_sizes"].items()))

@@ -35,6 +35,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per denoiser call (default 64)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--out", required=True, metavar="FILE.json", help="new schedule file (never overwritten)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
     p.set_defaults(func=run)
 
 
@@ -50,7 +51,7 @@ def run(args) -> int:
     result = calibrate_masked(args.model, data, held_out, timesteps=timesteps, taus=taus, temperatures=temps,
                               num_images=args.num, seed=args.seed, skip=args.skip, target=target,
                               model_options=model_opts, spectrum=spectrum, batch_size=args.batch_size,
-                              progress=lambda line: print(line, flush=True))
+                              progress=None if args.no_progress else (lambda line: print(line, flush=True)))
     write_calibration(result, out, args, held_out, time.perf_counter() - t0)
     print(f"wrote the {args.model} tau schedule to {out} ({result['seconds']:.1f} s): "
           + ", ".join(f"t={t}: tau {p['tau']:g}, T {p['temperature']:g}" for t, p in result["params"].items()))

@@ -318,7 +318,8 @@ def new_run_dir(out: str | os.PathLike):
 
 def _check_new(out: Path) -> None:
     if out.exists() or out.is_symlink():
-        raise ConfigError(f"output directory {out} already exists; choose a new --out (runs are never overwritten)")
+        what = "a directory" if out.is_dir() else "a file" if out.is_file() else "a path"
+        raise ConfigError(f"--out {out} already exists (as {what}); choose a new --out (runs are never overwritten)")
 
 
 def _publish(tmp: Path, out: Path) -> None:

@@ -42,8 +42,9 @@ def register(subparsers) -> None:
                    help="accept a --unet SET=DIR whose manifest names other training data than the set's")
     p.add_argument("--quick", action="store_true",
                    help="grf and grf-aniso, 2,000 images, 40 training steps, one timestep: a smoke run of a minute")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device)
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the training and the field draws (default {d.seed})")
+    p.add_argument("--device", default=d.device, help="cpu, cuda or auto (default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="new directory for the results (never overwritten)")
     p.set_defaults(func=run)
 
@@ -81,7 +82,8 @@ def run(args) -> int:
     unet_dirs = _unet_dirs(args.unet)
     t0 = time.perf_counter()
     with new_run_dir(args.out) as tmp:
-        results = run_experiment(cfg, tmp / "unets", unet_dirs=unet_dirs, label=command_line())
+        results = run_experiment(cfg, tmp / "unets", unet_dirs=unet_dirs, label=command_line(),
+                                 progress=not args.no_progress)
         tables = write_experiment(results, cfg, tmp, name=args.name, unet_dirs=unet_dirs, command=command_line(),
                                   versions=versions(), started=t0)
     print(tables)

@@ -158,8 +158,8 @@ def read_image_folder(root: str | Path, split: str, *, resolution: int | None = 
     if resolution is None and len(sizes) > 1:
         (s1, p1), (s2, p2) = list(sizes.items())[:2]
         raise DataError(f"{root}: images have {len(sizes)} different sizes (e.g. {p1.name} is {s1[0]}x{s1[1]}, "
-                        f"{p2.name} is {s2[0]}x{s2[1]}); pass resolution=R to center-crop them to squares and "
-                        "resize them all to R x R")
+                        f"{p2.name} is {s2[0]}x{s2[1]}); give a resolution R (--resolution R on the command "
+                        "line, resolution=R in Python) to center-crop them to squares and resize them all to R x R")
 
     idx = np.arange(len(files)) if subset is None else subset_indices(len(files), subset, seed, str(root))
     w, h = (resolution, resolution) if resolution is not None else next(iter(sizes))

@@ -80,8 +80,11 @@ def plot_fields(fields_by_model: dict, pixel_index: int = 0, *, title: str | Non
     cb = fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, pad=0.02, aspect=24)
     cb.ax.tick_params(labelsize=7)
     cb.set_label("field / its panel's max |value| (printed ± in each panel)", fontsize=7)
-    fig.suptitle(title or f"sensitivity field of pixel {pixel} ({'mean |dx0/dxt|' if use_abs else 'mean dx0/dxt'});"
-                          " each panel on its own symmetric scale", fontsize=10)
+    colour = first.mean.shape[2] > 1
+    channels = ("; colour: the pixel's output is the mean of its channels, the field summed over the input "
+                "channels" if colour else "")
+    fig.suptitle((title or f"sensitivity field of pixel {pixel} ({'mean |dx0/dxt|' if use_abs else 'mean dx0/dxt'});"
+                           " each panel on its own symmetric scale") + channels, fontsize=10)
     return fig
 
 

@@ -60,3 +60,30 @@ def test_example_reproduces_the_table_on_a_subset(tmp_path):
     assert set(rows) == {"wiener", "optimal", "masked"}, r.stdout
     # the paper's finding: the local models explain most of the network's samples, the memorising one does not
     assert rows["masked"] > 0.4 and rows["wiener"] > 0.4 and rows["masked"] > rows["optimal"] + 0.2
+
+
+def test_the_design_example_of_adding_a_model_runs(tmp_path):
+    """docs/DESIGN.md §6 "Adding a model": the example file, as written, makes a model that every command can
+    build by name; at temperature 1 it is the optimal denoiser exactly, and it samples like any model."""
+    text = (ROOT / "docs" / "DESIGN.md").read_text()
+    section = text[text.index("### Adding a model"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "tempered.py").write_text(code)
+    check = """
+import torch, tempered
+from localdiff import available_models, make_denoiser, sample
+from localdiff.data.dataset import ImageDataset
+import numpy as np
+data = ImageDataset(raw=np.random.default_rng(0).integers(0, 256, (30, 1, 6, 6)).astype(np.uint8), name="toy")
+assert "tempered" in available_models()
+x = torch.randn(3, 1, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+one = make_denoiser("tempered", data, device="cpu", temperature="1")
+assert torch.equal(one(x, 500), make_denoiser("optimal", data, device="cpu")(x, 500))
+hot = make_denoiser("tempered", data, device="cpu", temperature=4.0)
+assert not torch.allclose(hot(x, 500), one(x, 500))
+assert sample(hot, num=2, steps=3, progress=False).shape == (2, 1, 6, 6)
+print("ok")
+"""
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

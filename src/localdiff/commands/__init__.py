@@ -1,6 +1,7 @@
 """Sub-commands of the ``localdiff`` CLI; each module has ``register(subparsers)`` setting ``func``."""
 
-COMMANDS = ["sample", "fields", "study", "evaluate", "experiment", "train_unet", "calibrate", "calibrate_masked"]
+COMMANDS = ["sample", "fields", "study", "evaluate", "experiment", "train_unet", "calibrate", "calibrate_masked",
+            "noise"]
 
 # Commands that run in one process only: under torchrun with more than one process they stop with this reason.
 SINGLE_PROCESS = {"experiment": "it trains and analyses its own U-Nets on several synthetic sets in turn"}

@@ -156,6 +156,10 @@ def test_noise_file_is_the_noise_sample_draws_itself(tmp_path):
     assert noise.dtype == np.float32 and noise.shape == (3, 1, 6, 6)
     assert np.array_equal(noise, initial_noise(3, (1, 6, 6), seed=5).numpy())
     assert not np.array_equal(noise, initial_noise(3, (1, 6, 6), seed=6).numpy())
+    again = ["noise", "--num", "3", "--shape", "1,6,6", "--out", str(tmp_path / "n.npy")]
+    assert main([*again, "--seed", "5"]) == 0  # the same noise again: the file is left as it is
+    assert main([*again, "--seed", "6"]) == 2  # other noise: never overwritten
+    assert np.array_equal(np.load(tmp_path / "n.npy"), noise)
     # sample --init-noise FILE reproduces sample --num 3 --seed 5
     x = np.random.default_rng(0).integers(0, 256, (40, 1, 6, 6)).astype(np.uint8)
     np.savez(tmp_path / "d.npz", x)
@@ -173,7 +177,7 @@ def test_noise_file_is_the_noise_sample_draws_itself(tmp_path):
     (["--num", "0"], "--num must be a positive number"),
     (["--out", "{tmp}/noise.txt"], "give a name ending in .npy"),
     (["--out", "{tmp}/missing/noise.npy"], "does not exist"),
-    (["--out", "{tmp}/there.npy"], "already exists (files are never overwritten)"),
+    (["--out", "{tmp}/there.npy"], "already exists with other contents (files are never overwritten)"),
 ])
 def test_noise_refuses_bad_arguments_with_the_fix(tmp_path, capsys, args, message):
     from localdiff.cli import main

@@ -23,7 +23,8 @@ def register(subparsers) -> None:
     p.add_argument("--shape", required=True, metavar="C,H,W",
                    help="shape of one image, as the data it will be sampled with: 1,28,28 for MNIST")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0, as sample's)")
-    p.add_argument("--out", required=True, metavar="FILE.npy", help="new .npy file (an existing file is never overwritten)")
+    p.add_argument("--out", required=True, metavar="FILE.npy",
+                   help="new .npy file (never overwritten; one holding this very noise is left as it is)")
     p.set_defaults(func=run)
 
 
@@ -40,6 +41,17 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+def _holds(path: Path, noise) -> bool:
+    """Whether the .npy file ``path`` holds exactly ``noise``."""
+    import numpy as np
+
+    try:
+        existing = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        return False
+    return existing.dtype == noise.dtype and existing.shape == noise.shape and bool(np.array_equal(existing, noise))
+
+
 def run(args) -> int:
     from ..diffusion import initial_noise
     from ..distributed import is_main
@@ -53,12 +65,15 @@ def run(args) -> int:
         raise ConfigError(f"--out {out}: the noise is written as a .npy file; give a name ending in .npy")
     if out.is_dir():
         raise ConfigError(f"--out {out} is a directory; give a file name ending in .npy")
-    if out.exists():
-        raise ConfigError(f"--out {out}: the file already exists (files are never overwritten); choose another name "
-                          "or delete it")
     if not out.parent.is_dir():
         raise ConfigError(f"--out {out}: the folder {out.parent} does not exist")
     noise = initial_noise(args.num, shape, seed=args.seed).numpy()  # [N, C, H, W] float32
+    if out.exists():  # the same noise again is fine (a README block run twice); other contents are kept
+        if not _holds(out, noise):
+            raise ConfigError(f"--out {out}: the file already exists with other contents (files are never "
+                              "overwritten); choose another name or delete it")
+        print(f"{out} already holds this noise ({args.num} images of {'x'.join(map(str, shape))}, seed {args.seed})")
+        return 0
     if is_main():  # under torchrun rank 0 writes; every rank would write the same bytes
         write_npy(out, noise)
         print(f"wrote {args.num} noise images of {'x'.join(map(str, shape))} (seed {args.seed}) to {out}",

@@ -135,13 +135,14 @@ def base_rss_bytes() -> int:
 
 def probe(model_config: UNetConfig, shape: tuple[int, int, int], device: torch.device, *,
           batches: tuple[int, ...], amp: bool = True, channels_last: bool = True,
-          min_seconds: float = 0.2) -> Probe:
+          repeats: int = 2, min_seconds: float = 0.2) -> Probe:
     """Time whole training steps (forward, backward, clipping, AdamW) of a throwaway ``model_config``
     network on ``batches`` random images of ``shape`` (C, H, W) on ``device``, with the trainer's
     autocast/channels-last choices (CUDA only), and measure the memory of a step at the largest batch.
 
-    Each batch size gets one warm-up step, then steps until ``min_seconds`` have passed. The global
-    random state is left as it was; nothing of the run depends on the probe."""
+    Each batch size gets one warm-up step, then ``repeats`` timed steps or more until ``min_seconds`` have
+    passed; the fastest counts (a busy machine only ever slows a step down). The global random state is
+    left as it was; nothing of the run depends on the probe."""
     cuda = device.type == "cuda"
     amp, channels_last = amp and cuda, channels_last and cuda
     batches = tuple(sorted(set(int(b) for b in batches)))
@@ -194,10 +195,10 @@ def probe(model_config: UNetConfig, shape: tuple[int, int, int], device: torch.d
             elif last:
                 _release_freed_memory()  # what the warm-up freed must not hide the next step's needs
                 rss0 = _rss_bytes() if _reset_peak_rss() else None
-            times = [step(b)]
+            times = [step(b) for _ in range(max(1, repeats))]
             while sum(times) < min_seconds:
                 times.append(step(b))
-            seconds.append(min(times) if len(times) > 2 else sum(times) / len(times))
+            seconds.append(min(times))
             if last and cuda:
                 cuda_peak = torch.cuda.max_memory_allocated(device) - base
             elif last and rss0 is not None:
@@ -327,7 +328,7 @@ def choose_config(shape: tuple[int, int, int], device: torch.device, *, budget_s
         return "small", f"the default: paper's levels do not divide {h}x{w} images"
     batch = TRAIN_RECIPES["paper"].batch_size
     quick = (batch,) if device.type == "cuda" else (min(batch, 2),)  # a CPU only needs to see that it is slow
-    p = probe(cfg, shape, device, batches=quick, amp=amp, channels_last=channels_last, min_seconds=0.0)
+    p = probe(cfg, shape, device, batches=quick, amp=amp, channels_last=channels_last, repeats=1, min_seconds=0.0)
     budget = REFERENCE_BUDGET_S if budget_s is None else budget_s
     steps = int(STEP_SHARE * budget / p.step_seconds(batch))
     where = "the budget" if budget_s is not None else f"{REFERENCE_BUDGET_S / 60:.0f} minutes"

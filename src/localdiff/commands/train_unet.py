@@ -12,6 +12,11 @@ Run directory layout (``--out``)::
 first seconds and fixes the number of steps (and the learning-rate schedule) so that training, its
 checkpoints and the export end inside it.
 
+Before training a new run prints its plan (:mod:`localdiff.unet.planning`): the configuration (``--config``,
+or by default ``paper`` where a timed step shows it makes 200 steps in the budget, as on a GPU, else
+``small``, as on a CPU), the steps, the epochs, the measured images/s and the peak memory. A plan under one
+epoch or 200 steps is warned about; one under a quarter of an epoch is refused unless ``--force``.
+
 Under ``torchrun`` (more than one process) the network trains with DistributedDataParallel
 (:mod:`localdiff.unet.distributed`): ``--batch-size`` is per process, the global batch is P times it;
 rank 0 checks ``--out``/``--resume``, writes the checkpoints and exports, and every rank plans the same

@@ -124,6 +124,22 @@ def test_a_tiny_budget_is_refused_without_force_and_runs_with_it(tmp_path, capsy
     assert json.loads((out / "localdiff_unet.json").read_text())["steps"] == 2
 
 
+def test_a_tiny_minutes_budget_is_refused_without_force_and_runs_with_it(tmp_path, capsys):
+    npz = images(tmp_path, 20000, 28)  # 15 s for 20,000 images: a few hundred seen, far under a quarter epoch
+    out = tmp_path / "run"
+    cmd = ["train-unet", "--data", str(npz), "--split", "all", "--config", "small", "--minutes", "0.25",
+           "--batch-size", "8", "--device", "cpu", "--no-progress", "--out", str(out)]
+    assert main(cmd) == 2
+    captured = capsys.readouterr()
+    assert captured.out.startswith("plan: config small (--config); ") and " steps of 8 images in the budget = 0.0" in \
+        captured.out
+    assert "error: the plan covers 0.0" in captured.err and "(about one epoch at this speed)" in captured.err
+    assert "--force to train anyway" in captured.err and not out.exists()
+    assert main([*cmd, "--force"]) == 0
+    manifest = json.loads((out / "localdiff_unet.json").read_text())
+    assert 0 < manifest["epochs"] < 0.25 and manifest["plan_before_training"]["minutes"] == 0.25
+
+
 def test_default_config_on_a_cpu_trains_small(tmp_path, capsys):
     npz = images(tmp_path, 16, 28)
     out = tmp_path / "run"

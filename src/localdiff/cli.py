@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from . import distributed
 from .commands import COMMANDS, SINGLE_PROCESS
 from .commands.common import Terminated, sigterm_raises
-from .errors import ConfigError, LocaldiffError
+from .errors import ConfigError, DistributedError, LocaldiffError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +40,32 @@ def process_age_s() -> float:
         return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))  # field 22: start time in ticks
     except (OSError, ValueError, IndexError):
         return 0.0
+
+
+ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # set by torchrun for each process; it reads the file when one fails
+SECONDARY_DELAY_S = 1.5  # how long a rank that may only have seen another's failure waits before reporting
+
+
+def record_cause(line: str, *, secondary: bool = False) -> None:
+    """Under torchrun, write this rank's one-line cause where torchrun looks for it (``$TORCHELASTIC_ERROR_FILE``,
+    ``{"message", "timestamp"}``): the failure summary torchrun prints last then shows the cause on its
+    "Root Cause" entry's ``traceback :`` line, just above its closing rule, instead of a link.
+
+    torchrun takes the failure with the earliest timestamp (whole seconds) as the root cause. A ``secondary``
+    failure (a collective that failed because another rank stopped; an unexpected exception) first waits
+    ``SECONDARY_DELAY_S``: torchrun stops it in the meantime when another rank failed first, and otherwise
+    it records its cause a second later than any failure it followed."""
+    path = os.environ.get(ERROR_FILE_ENV)
+    if not path:
+        return
+    if secondary:
+        time.sleep(SECONDARY_DELAY_S)
+    try:
+        from .fileio import write_json
+
+        write_json(path, {"message": line, "timestamp": int(time.time())})
+    except OSError:
+        pass  # the message is on stderr anyway
 
 
 @contextmanager
@@ -84,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             failed = code != 0
             return code
     except LocaldiffError as exc:
-        print(f"localdiff {args.command}: error{who}: {exc}", file=sys.stderr)
+        cause = f"localdiff {args.command}: error{who}: {exc}"
+        print(cause, file=sys.stderr)
+        record_cause(cause, secondary=isinstance(exc, DistributedError))
         return 2
     except KeyboardInterrupt:
         print(f"localdiff {args.command}: interrupted{who}", file=sys.stderr)
@@ -96,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         if not who:  # a plain run: the usual traceback
             raise
         traceback.print_exc()
-        print(f"localdiff {args.command}: {w.where()} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        cause = f"localdiff {args.command}: {w.where()} failed: {type(exc).__name__}: {exc}"
+        print(cause, file=sys.stderr)
+        record_cause(cause, secondary=True)  # perhaps a peer's exit seen by the communication library
         return 1
     finally:
         distributed.shutdown(failed=failed)

@@ -134,6 +134,17 @@ class StudyResults:
         """The reference denoises held-out images worse than Wiener at most of the studied steps."""
         return bool((self.reference_quality or {}).get("too_weak"))
 
+    def metrics_headline(self, comparisons: dict | None = None) -> dict:
+        """The final-R² verdict as metrics.json records it: ``{"metric", "closest", "tied", "withheld"}``."""
+        if comparisons is None:
+            comparisons = self.comparisons() if self.reference else {}
+        head = comparisons["final_r2"][1] if comparisons else {"metric": "final_r2", "closest": None, "tied": []}
+        if self.config.smoke:  # a smoke run gives no verdict
+            head = {**head, "closest": None, "tied": [], "withheld": "smoke run"}
+        elif self.reference_too_weak:  # no verdict against a reference worse than Wiener
+            head = {**head, "closest": None, "tied": [], "withheld": "reference too weak"}
+        return head
+
     def headline(self) -> str:
         """The one true sentence about closeness to the U-Net (final R², paired intervals); none when the
         reference is too weak to judge."""
@@ -198,11 +209,7 @@ class StudyResults:
             models[name] = entry
         best = self.closest()
         comparisons = self.comparisons() if self.reference else {}
-        head = comparisons["final_r2"][1] if comparisons else {"metric": "final_r2", "closest": None, "tied": []}
-        if self.config.smoke:  # a smoke run gives no verdict
-            head = {**head, "closest": None, "tied": [], "withheld": "smoke run"}
-        elif self.reference_too_weak:  # no verdict against a reference worse than Wiener
-            head = {**head, "closest": None, "tied": [], "withheld": "reference too weak"}
+        head = self.metrics_headline(comparisons)
         return {
             "format": "localdiff.study/1",
             "config": self.config.to_dict(),

@@ -143,7 +143,13 @@ def summary_line(results, out: Path, seconds: float) -> str:
         return f"study: no U-Net (--no-unet), so R² against it was not computed; {where}"
     if results.closest() is None:
         return f"study: no analytical model was compared with the U-Net; {where}"
-    return f"study: {results.headline()} over {results.config.num} samples; {where}"
+    line = f"study: {results.headline()} over {results.config.num} samples"
+    head = results.metrics_headline()
+    if not head.get("withheld") and head.get("closest") is None and len(head.get("tied", [])) > 1:
+        n = results.config.num
+        line += (f" ({n} samples cannot separate them: rerun with --num {4 * n}; docs/RESULTS.md §2 separates masked "
+                 "from wiener on MNIST with 32)")
+    return f"{line}; {where}"
 
 
 def run(args) -> int:

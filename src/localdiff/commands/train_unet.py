@@ -12,6 +12,11 @@ Run directory layout (``--out``)::
 first seconds and fixes the number of steps (and the learning-rate schedule) so that training, its
 checkpoints and the export end inside it.
 
+Before training a new run prints its plan (:mod:`localdiff.unet.planning`): the configuration (``--config``,
+or by default ``paper`` where a timed step shows it makes 200 steps in the budget, as on a GPU, else
+``small``, as on a CPU), the steps, the epochs, the measured images/s and the peak memory. A plan under one
+epoch or 200 steps is warned about; one under a quarter of an epoch is refused unless ``--force``.
+
 Under ``torchrun`` (more than one process) the network trains with DistributedDataParallel
 (:mod:`localdiff.unet.distributed`): ``--batch-size`` is per process, the global batch is P times it;
 rank 0 checks ``--out``/``--resume``, writes the checkpoints and exports, and every rank plans the same
@@ -26,6 +31,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..distributed import world
 from .common import add_data_args, command_line, load_data_from_args, versions
 
 # CLI flag -> TrainConfig field, for the recipe options (their defaults come from TRAIN_RECIPES)
@@ -38,6 +44,7 @@ _RUNTIME_FLAGS = ("device", "amp", "channels_last", "compile")  # may change whe
 
 def register(subparsers) -> None:
     from ..unet.configs import CONFIG_NAMES, TRAIN_RECIPES
+    from ..unet.planning import MIN_STEPS, REFUSE_EPOCHS
 
     p = subparsers.add_parser(
         "train-unet", help="train the U-Net baseline (v- or epsilon-prediction, DDPM schedule)",
@@ -46,7 +53,9 @@ def register(subparsers) -> None:
                     "for --model unet --opt path=OUT.")
     add_data_args(p)
     p.add_argument("--config", choices=CONFIG_NAMES, default=None,
-                   help="architecture and recipe: paper (the official baseline; default) or small (CPU-sized)")
+                   help="architecture and recipe: paper (the official baseline) or small (CPU-sized). Default: "
+                        f"paper where a timed step shows it makes at least {MIN_STEPS} steps in the budget (--minutes; "
+                        "without it, 10 minutes), as on a GPU; small elsewhere, as on a CPU")
     p.add_argument("--steps", type=int, default=None,
                    help="train until this many optimisation steps in total (with --minutes: at most this many)")
     p.add_argument("--minutes", type=float, default=None,
@@ -92,6 +101,8 @@ def register(subparsers) -> None:
                    help="keep NCHW memory format on CUDA")
     r.add_argument("--export-dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="dtype of the exported weights (default fp32)")
+    r.add_argument("--force", action="store_true",
+                   help=f"train even when the plan covers under {REFUSE_EPOCHS} of an epoch (refused otherwise)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -129,7 +140,7 @@ def _recipe(args, base):
 def run(args) -> int:
     import torch
 
-    from ..distributed import broadcast_json, is_main, main_decides, world
+    from ..distributed import broadcast_json, is_main, main_decides
     from ..unet.configs import TRAIN_RECIPES, unet_config
     from ..unet.distributed import trainer_class
     from ..unet.training import TrainingInterrupted, list_checkpoints
@@ -151,8 +162,10 @@ def run(args) -> int:
     data = load_data_from_args(args, shard=False)  # every process may draw any image of a global batch
     created = False
     trainer_cls = trainer_class()  # DistributedDataParallel in a torchrun job
+    plan = None
     if ckpt is None:
-        name = args.config or "paper"
+        plan = main_decides(lambda: _plan(args, data, started).to_dict(), "the plan of the run on rank 0")
+        name = plan["config"]
         model_cfg = unet_config(name, data.shape)
         train_cfg = _recipe(args, TRAIN_RECIPES[name])
         trainer = trainer_cls(data, model_cfg, train_cfg)
@@ -163,6 +176,8 @@ def run(args) -> int:
             raise ConfigError(f"the checkpoint is at step {trainer.step}; --steps must be at least that")
         if args.steps is None and args.minutes is None and trainer.total_steps is None:
             raise ConfigError(f"the checkpoint at step {trainer.step} has no planned length; give --steps N")
+        if is_main():
+            print(_resume_line(trainer, args.steps), flush=True)
     if trainer.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if not out.exists() and is_main():
@@ -171,9 +186,8 @@ def run(args) -> int:
 
     ckpt_dir = out / "checkpoints"
     budget_s = None
-    if args.minutes is not None:  # what is left of the budget after start-up, less the export's share
-        budget_s = args.minutes * 60.0 - (time.perf_counter() - started) - EXPORT_RESERVE_S - 0.6 * args.minutes
-        budget_s = broadcast_json(budget_s, "broadcast of the time budget")  # rank 0's: every rank plans alike
+    if args.minutes is not None:
+        budget_s = broadcast_json(_budget_left(args, started), "broadcast of the time budget")  # rank 0's
         if budget_s <= 0:
             raise ConfigError(f"--minutes {args.minutes} leaves no time to train after starting and loading the "
                               f"data ({time.perf_counter() - started:.1f} s); give a larger budget")
@@ -203,6 +217,7 @@ def run(args) -> int:
         "dataset": data.describe(),
         "distributed": {**world().record(), "global_batch": trainer.config.batch_size * trainer.world_size},
         "versions": versions(),
+        **({"plan_before_training": plan} if plan is not None else {}),
     })
     loss = f"{trainer.loss_ema:.4f}" if trainer.loss_ema is not None else "n/a"
     rate = f", {trainer.images_per_s:.0f} images/s" if trainer.images_per_s else ""
@@ -210,6 +225,71 @@ def run(args) -> int:
     print(f"trained {trainer.step} steps ({trainer.order.epochs:.2f} epochs, {trainer.config.prediction}-prediction, "
           f"loss {loss}, {trainer.total_wall_s:.1f} s{rate}){early}; EMA weights exported to {out}")
     return 0
+
+
+def _budget_left(args, started: float) -> float | None:
+    """Seconds of the --minutes budget left for training now: less start-up so far and the export's share."""
+    if args.minutes is None:
+        return None
+    return args.minutes * 60.0 - (time.perf_counter() - started) - EXPORT_RESERVE_S - 0.6 * args.minutes
+
+
+def _plan(args, data, started: float):
+    """Rank 0's plan of a new run (:mod:`localdiff.unet.planning`): the configuration (``--config`` or the
+    default for this device and budget), steps, epochs, speed and peak memory, printed before training;
+    warnings for a plan under one epoch or few steps; a ConfigError under a quarter of an epoch without
+    ``--force``."""
+    import torch
+
+    from ..device import resolve_device
+    from ..unet.configs import TRAIN_RECIPES
+    from ..unet.planning import base_rss_bytes, choose_config, plan_run
+
+    device = resolve_device(args.device or TRAIN_RECIPES["paper"].device)
+    base = base_rss_bytes()  # before any probe
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # time the kernels the run will use
+    runtime = {"amp": args.amp is not False, "channels_last": args.channels_last is not False}
+    if args.config is not None:
+        name, reason = args.config, "--config"
+    else:
+        name, reason = choose_config(data.shape, device, budget_s=_budget_left(args, started), **runtime)
+    batch = args.batch_size or TRAIN_RECIPES[name].batch_size
+    w = world()
+    plan = plan_run(name, reason, data.shape, len(data), device, batch_size=batch, steps=args.steps,
+                    budget_s=_budget_left(args, started), minutes=args.minutes, world_size=w.size,
+                    data_bytes=data.raw.nbytes if device.type == "cuda" else 0, base_bytes=base, **runtime)
+    print(plan.line(), flush=True)
+    problem = plan.refusal()
+    if problem is not None and not args.force:
+        raise ConfigError(problem)
+    for text in plan.warnings():
+        print(f"localdiff train-unet: warning: {text}", file=sys.stderr, flush=True)
+    return plan
+
+
+def _resume_line(trainer, steps: int | None) -> str:
+    """What a resumed run will do, from its checkpoint (its speed so far; no new measurement)."""
+    target = steps or trainer.total_steps
+    per_step = trainer.config.batch_size * trainer.world_size
+    ahead = (f"towards step {target:,} ({target * per_step / len(trainer.data):.2f} epochs)" if target
+             else "for as many steps as the budget fits")
+    rate = f", at about {trainer.images_per_s:.0f} images/s so far" if trainer.images_per_s else ""
+    return (f"plan: resume {_config_name(trainer)} at step {trainer.step:,} ({trainer.order.epochs:.2f} epochs) "
+            f"{ahead}{rate}")
+
+
+def _config_name(trainer) -> str:
+    """``config paper`` / ``config small`` when the trainer's architecture is a named one."""
+    from ..unet.configs import CONFIG_NAMES, unet_config
+
+    for name in CONFIG_NAMES:
+        try:
+            if unet_config(name, trainer.data.shape) == trainer.model_config:
+                return f"config {name}"
+        except ConfigError:
+            continue
+    return "its own configuration"
 
 
 def _check_out(args, out: Path) -> str | None:

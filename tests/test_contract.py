@@ -8,7 +8,7 @@ the built model declares in ``capabilities`` decides which mathematical checks a
 Jacobians against autograd, batch independence (sensitivity fields replicate batches), piecewise
 constancy, the timesteps it was fitted for, and returning the training image when the training set is
 that one image. Every check runs on the CPU and, where there is one, on a CUDA device, where the
-outputs must also equal the CPU's.
+outputs must also equal the CPU's (docs/STYLE.md principle 7).
 """
 
 import dataclasses

@@ -39,6 +39,7 @@ from localdiff.errors import ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 LAUNCH_TIMEOUT_S = 300
+LABELS = model_table.labels("torchrun")  # every variant of every model that runs under torchrun
 
 pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                                 reason="this PyTorch has no gloo backend")
@@ -106,9 +107,6 @@ def assert_close(one: dict, two: dict, prefix: str) -> None:
     for k in keys:
         diff = np.abs(one[k].astype(np.float64) - two[k].astype(np.float64)).max()
         assert diff <= tolerance(k), f"{k}: one vs two processes differ by {diff:.3g}"
-
-
-LABELS = model_table.labels("torchrun")
 
 
 def test_statistics_merge_exactly(one_process, two_processes):

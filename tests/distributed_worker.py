@@ -3,8 +3,11 @@ whole set in the test's own process, as the one-process reference.
 
 ``python -m torch.distributed.run ... distributed_worker.py JOB OUT``:
 
-* ``models``: :func:`results` on this rank's shard -> ``OUT/results.npz`` (rank 0), plus how far the
-  ranks' results are apart and which rank drew progress bars (``OUT/ranks.json``).
+* ``models``: :func:`results` on this rank's shard for every variant of every model in
+  ``tests/model_table.py`` (the toy model registered as a user registers it) -> ``OUT/results.npz``
+  (rank 0), plus how far the ranks' results are apart, which rank drew progress bars, which models were
+  built on the gathered set and which refused a shard (``OUT/ranks.json``). ``OUT/unet`` is the tiny
+  network the ``unet`` entry needs.
 * ``train``: 20 DDP steps (2 x 4 images per step), and 10 + a resume to 20, -> ``OUT/train.pt`` (rank 0).
 * ``fail``: ``localdiff sample`` in which rank 1 fails in its third denoiser call.
 """
@@ -14,33 +17,19 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import model_table
+
 torch.set_num_threads(1)
 
 N_IMAGES = 61  # odd: the two shards differ in size (30 and 31 images)
-
-# (label, model, options, closed-form rows, autograd rows); labels ending in "32" compute in float32
-MODELS = [
-    ("wiener", "wiener", {}, True, False),
-    ("optimal", "optimal", {}, True, True),
-    ("optimal32", "optimal", {"dtype": "float32"}, False, False),
-    ("topk", "optimal", {"top_k": 5}, False, True),
-    ("nearest", "nearest", {}, False, False),
-    ("masked32", "masked", {}, True, False),
-    ("masked", "masked", {"dtype": "float64"}, True, True),
-    ("ls", "ls", {"patch_size": 3}, False, True),
-    ("pspc", "pspc", {"patch_size": 3}, False, False),
-    ("els", "els", {"patch_size": 3, "dtype": "float64"}, False, False),
-    ("els_subset", "els", {"patch_size": 3, "dtype": "float64", "max_train": 20}, False, False),
-    ("els_boundary", "els-boundary", {"patch_size": 3, "dtype": "float64"}, False, False),
-    ("scfdm", "scfdm", {"num_samples": 4}, False, True),
-    ("scfdm_data", "scfdm", {"smoothing": "data", "sigma": 0.2}, False, True),
-    ("linear", "linear", {"timesteps": "500", "steps": 50, "batch_size": 16, "progress": False}, True, False),
-]
+TIMESTEPS = (900, 500, 100)
+GATHERED = "does not merge the states of the processes"  # make_denoiser's warning for a model given the whole set
 
 
 def dataset(num: int = N_IMAGES):
@@ -59,16 +48,20 @@ def queries(shape, num: int = 4) -> torch.Tensor:
     return torch.randn((num, *shape), generator=g, dtype=torch.float64) * 0.8
 
 
-def results(data) -> dict[str, np.ndarray]:
-    """Every quantity compared between one process and two: statistics, each model's x0_hat at three
+def results(data, unet_dir, built: dict | None = None) -> dict[str, np.ndarray]:
+    """Every quantity compared between one process and two: statistics, each variant's x0_hat at three
     timesteps, closed-form and autograd Jacobian rows, sampled trajectories, nearest-image distances and a
-    subset's fingerprint. ``data`` is the whole set or this rank's shard (collective then)."""
+    subset's fingerprint. ``data`` is the whole set or this rank's shard (collective then). ``built``, when
+    given, receives per variant label whether the model was built on the whole set gathered from the
+    shards, or the error with which it refused the shard."""
     from localdiff import make_denoiser, sample
+    from localdiff.errors import ConfigError
     from localdiff.metrics import nearest_training_distances
     from localdiff.sensitivity import jacobian_rows
     from localdiff.stats import data_spectrum, moments
 
     out: dict[str, np.ndarray] = {}
+    built = {} if built is None else built
     state = moments(data, progress=False)
     out["moments/count"] = np.array(float(state.count))
     out["moments/mean"], out["moments/m2"] = state.mean.numpy(), state.m2.numpy()
@@ -76,18 +69,31 @@ def results(data) -> dict[str, np.ndarray]:
     out["spectrum/eigvals"], out["spectrum/cov"] = spec.eigvals.numpy(), spec.covariance().numpy()
     x = queries(data.shape)
     pixels = [(2, 3), (0, 5)]
-    for label, model, opts, closed, grad in MODELS:
-        den = make_denoiser(model, data, spectrum=spec, **opts)
-        for t in ((500,) if model == "linear" else (900, 500, 100)):
+    for v in model_table.variants():
+        options = v.build_options(unet_dir)
+        if not v.torchrun:  # it must refuse a shard, with a clear error
+            try:
+                make_denoiser(v.model, data, spectrum=spec, **options)
+                built[v.label] = "built"
+            except ConfigError as exc:
+                built[v.label] = f"refused: {exc}"
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            den = make_denoiser(v.model, data, spectrum=spec, **options)
+        built[v.label] = "gathered" if any(GATHERED in str(w.message) for w in caught) else "own data"
+        caps = den.capabilities
+        for t in (t for t in TIMESTEPS if caps.accepts(t)):
             with torch.no_grad():
-                out[f"{label}/x0/{t}"] = den(x, t).numpy()
-        if closed:
-            out[f"{label}/rows"] = jacobian_rows(den, x[:2], 500, pixels, method="closed").numpy()
-        if grad:
-            out[f"{label}/grad"] = jacobian_rows(den, x[:2], 500, pixels, method="autograd").numpy()
-        if label in ("optimal", "masked32"):
+                out[f"{v.label}/x0/{t}"] = den(x, t).numpy()
+        t = 500 if caps.accepts(500) else caps.fitted_timesteps[0]
+        if caps.closed_form_jacobian:
+            out[f"{v.label}/rows"] = jacobian_rows(den, x[:2], t, pixels, method="closed").numpy()
+        if v.autograd and not caps.piecewise_constant:
+            out[f"{v.label}/grad"] = jacobian_rows(den, x[:2], t, pixels, method="autograd").numpy()
+        if v.trajectory and caps.fitted_timesteps is None:  # a model fitted at some timesteps has no DDIM grid
             traj = sample(den, num=3, steps=10, seed=0, return_trajectory=True, progress=False)
-            out[f"{label}/trajectory"] = traj.x0_hat.numpy()
+            out[f"{v.label}/trajectory"] = traj.x0_hat.numpy()
     near = nearest_training_distances(x[:, :, :, :].clamp(-1, 1), data)
     out["nearest_images/distance"], out["nearest_images/second"] = near.distance.numpy(), near.second.numpy()
     out["nearest_images/index"], out["nearest_images/image"] = near.index.numpy(), near.image.numpy()
@@ -123,13 +129,15 @@ def job_models(out: Path) -> None:
     from localdiff.data.shards import shard_dataset
 
     distributed.init_from_env()
-    res = results(shard_dataset(dataset()))
+    built: dict[str, str] = {}
+    with model_table.added_models():  # the toy model, registered as a user registers it
+        res = results(shard_dataset(dataset()), out / "unet", built)
     flat = np.concatenate([v.astype(np.float64).reshape(-1) for _, v in sorted(res.items())])
     spread = [float(np.abs(f.numpy() - flat).max()) for f in distributed.gather(torch.from_numpy(flat))]
     bars = distributed.gather(int(distributed.tqdm([], disable=False).disable))
     if distributed.is_main():
         np.savez(out / "results.npz", **res)
-        (out / "ranks.json").write_text(json.dumps({"spread": spread, "bar_disabled": bars}))
+        (out / "ranks.json").write_text(json.dumps({"spread": spread, "bar_disabled": bars, "built": built}))
     distributed.shutdown()
 
 

@@ -1,11 +1,14 @@
 """More than one process (docs/DESIGN.md §9): torchrun starts 2 gloo processes on the CPU, each holding half
 of the training set, and every result is compared with one process holding all of it.
 
-The torchrun jobs run ``tests/distributed_worker.py`` (statistics, every model, fields, sampling, nearest
-images, a subset; a 20-step DDP training and its resume; a rank that fails) and the CLI itself
-(``torchrun ... --no-python -- localdiff sample``). Tolerances: 1e-10 for float64 arithmetic, 1e-5 for
-float32 (``*32`` models), 1e-4 for CLI samples after 10 DDIM steps. That a lost or doubled shard would
-break these comparisons by far more is checked too.
+The torchrun jobs run ``tests/distributed_worker.py`` (statistics, every variant of every model in
+``tests/model_table.py``, the toy model a test registers included, fields, sampling, nearest images, a
+subset; a 20-step DDP training and its resume; a rank that fails) and the CLI itself
+(``torchrun ... --no-python -- localdiff sample``). A model that merges its ranks' states must give the
+one-process result; one that does not is built on the whole set gathered from the shards, and must give
+it too. Tolerances: 1e-10 for float64 arithmetic, 1e-5 for float32 (a variant's ``dtype``), 1e-4 for
+CLI samples after 10 DDIM steps. That a lost or doubled shard would break these comparisons by far more
+is checked too.
 """
 
 from __future__ import annotations
@@ -24,15 +27,19 @@ import pytest
 import torch
 
 import distributed_worker as worker
+import model_table
+from conftest import save_tiny_unet
 from localdiff import distributed, make_denoiser
 from localdiff.cli import main
 from localdiff.data.dataset import ImageDataset
 from localdiff.data.shards import shard_bounds, shard_dataset
+from localdiff.denoisers import REGISTRY
 from localdiff.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 LAUNCH_TIMEOUT_S = 300
+LABELS = model_table.labels("torchrun")  # every variant of every model that runs under torchrun
 
 pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                                 reason="this PyTorch has no gloo backend")
@@ -61,20 +68,37 @@ def run_worker(job: str, tmp: Path) -> subprocess.CompletedProcess:
 # -- the models, statistics and fields ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("models")
-    done = run_worker("models", tmp)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return dict(np.load(tmp / "results.npz")), json.loads((tmp / "ranks.json").read_text())
+def added_models():
+    with model_table.added_models():  # the toy model, as the worker registers it
+        yield
 
 
 @pytest.fixture(scope="module")
-def one_process():
-    return worker.results(worker.dataset())
+def models_dir(tmp_path_factory):
+    """The worker's output directory, holding the tiny network of the ``unet`` entry (``unet/``)."""
+    tmp = tmp_path_factory.mktemp("models")
+    save_tiny_unet(tmp / "unet", 6)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def two_processes(models_dir):
+    done = run_worker("models", models_dir)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return dict(np.load(models_dir / "results.npz")), json.loads((models_dir / "ranks.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def one_process(models_dir, added_models):
+    built: dict[str, str] = {}
+    return worker.results(worker.dataset(), models_dir / "unet", built), built
 
 
 def tolerance(key: str) -> float:
-    return 1e-5 if key.split("/")[0].endswith("32") else 1e-10
+    label = key.split("/")[0]
+    if label in LABELS:
+        return 1e-10 if model_table.variant(label).dtype == "float64" else 1e-5
+    return 1e-10
 
 
 def assert_close(one: dict, two: dict, prefix: str) -> None:
@@ -86,24 +110,50 @@ def assert_close(one: dict, two: dict, prefix: str) -> None:
 
 
 def test_statistics_merge_exactly(one_process, two_processes):
-    assert_close(one_process, two_processes[0], "moments/")
-    assert_close(one_process, two_processes[0], "spectrum/")
+    assert_close(one_process[0], two_processes[0], "moments/")
+    assert_close(one_process[0], two_processes[0], "spectrum/")
     assert two_processes[0]["moments/count"] == worker.N_IMAGES
 
 
-@pytest.mark.parametrize("label", [m[0] for m in worker.MODELS])
+@pytest.mark.parametrize("label", LABELS)
 def test_every_model_equals_one_process(one_process, two_processes, label):
-    """x0_hat at t = 900, 500, 100, closed-form and autograd Jacobian rows, and for optimal and masked a
-    10-step DDIM trajectory."""
-    assert_close(one_process, two_processes[0], f"{label}/")
+    """x0_hat at t = 900, 500, 100, closed-form Jacobian rows where declared, autograd rows unless piecewise
+    constant, and a 10-step DDIM trajectory where the table asks for one."""
+    one, two = one_process[0], two_processes[0]
+    assert_close(one, two, f"{label}/")
+    assert {k for k in one if k.startswith(f"{label}/")} == {k for k in two if k.startswith(f"{label}/")}
+    v = model_table.variant(label)
+    if v.autograd and not model_table.model_class(v.model).capabilities.piecewise_constant:
+        assert f"{label}/grad" in two  # autograd through the merge of the ranks, compared too
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_a_model_that_does_not_merge_is_built_on_the_gathered_set(one_process, two_processes, label):
+    """Under torchrun, a model whose class does not declare ``merges_shards`` is given the whole training set
+    (with a warning) and one that does is given its shard; in one process, nobody gathers anything."""
+    merges = model_table.model_class(model_table.variant(label).model).takes_shards()
+    assert two_processes[1]["built"][label] == ("own data" if merges else "gathered")
+    assert one_process[1][label] == "own data"
+
+
+def test_every_model_is_compared_and_a_one_process_variant_refuses_a_shard(two_processes):
+    """Every registered model (and the toy) is among those compared; a variant that runs in one process by
+    design (the masked model's chunk-normalised softmax) refuses a shard with a ConfigError saying why."""
+    compared = {model_table.variant(label).model for label in LABELS}
+    assert compared == set(REGISTRY) | {cls.name for cls in model_table.ADDED}
+    results, built = two_processes
+    assert all(any(k.startswith(f"{label}/x0/") for k in results) for label in LABELS)
+    alone = [v.label for v in model_table.variants() if not v.torchrun]
+    assert alone and all(built["built"][label].startswith("refused: ") for label in alone)
+    assert "runs in one process" in built["built"]["masked.chunk_average"]
 
 
 def test_nearest_images_subsets_and_fingerprints_agree(one_process, two_processes):
-    two = two_processes[0]
+    one, two = one_process[0], two_processes[0]
     for key in ("nearest_images/index", "nearest_images/image", "subset/fingerprint", "dataset/fingerprint"):
-        np.testing.assert_array_equal(one_process[key], two[key], err_msg=key)
-    assert_close(one_process, two, "nearest_images/")
-    assert_close(one_process, two, "subset/")
+        np.testing.assert_array_equal(one[key], two[key], err_msg=key)
+    assert_close(one, two, "nearest_images/")
+    assert_close(one, two, "subset/")
 
 
 def test_every_rank_holds_the_same_result_and_only_rank0_draws_bars(two_processes):

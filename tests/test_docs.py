@@ -1,6 +1,7 @@
 """The documentation runs and points at what exists: the README's Python snippet executes as written,
 every ``docs/DESIGN.md §N`` citation names a section of docs/DESIGN.md, the example reproduces the
-final-R² table (on a subset), and no source file outgrows one sitting (STYLE.md principle 10)."""
+final-R² table (on a subset), every ``STYLE.md principle N`` citation names a principle of docs/STYLE.md, and no
+source file outgrows one sitting (docs/STYLE.md principle 10)."""
 
 import os
 import re
@@ -41,8 +42,22 @@ def test_design_citations_name_existing_sections():
     assert not missing, f"citations of sections docs/DESIGN.md does not have: {missing}"
 
 
+def test_style_citations_name_existing_principles():
+    """The code cites docs/STYLE.md (the conventions it follows) as ``STYLE.md principle N``."""
+    style = (ROOT / "docs" / "STYLE.md").read_text()
+    principles = {int(n) for n in re.findall(r"^(\d+)\. \*\*", style, flags=re.M)}
+    assert principles == set(range(1, len(principles) + 1)) and len(principles) >= 10
+    cited = {}
+    for path in [*ROOT.glob("src/**/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("benchmarks/*.py")]:
+        for n in re.findall(r"STYLE\.md principles? (\d+)", path.read_text()):
+            cited.setdefault(int(n), []).append(path.name)
+    assert len(cited) >= 3
+    missing = {n: files for n, files in cited.items() if n not in principles}
+    assert not missing, f"citations of principles docs/STYLE.md does not have: {missing}"
+
+
 def test_no_source_file_over_500_lines():
-    """STYLE.md principle 10: a file holds one idea and fits in one sitting."""
+    """docs/STYLE.md principle 10: a file holds one idea and fits in one sitting."""
     long = {str(p.relative_to(ROOT)): n for p in ROOT.glob("src/**/*.py")
             if (n := len(p.read_text().splitlines())) > 500}
     assert not long, long

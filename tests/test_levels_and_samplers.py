@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from localdiff import available_models, make_denoiser, sample
+import model_table
+from localdiff import make_denoiser, sample
 from localdiff.data.dataset import ImageDataset
 from localdiff.diffusion import grid_for
 from localdiff.errors import ConfigError
@@ -22,9 +23,6 @@ from localdiff.schedules import DEFAULT_SCHEDULE, ContinuousSchedule, NoiseLevel
 from conftest import save_tiny_unet
 
 FIXTURES = Path(__file__).parent / "fixtures"
-FAST = {"linear": {"steps": 40, "batch_size": 16, "timesteps": (900, 500, 100), "progress": False},
-        "ls": {"patch_size": 3}, "els": {"patch_size": 3}, "els-boundary": {"patch_size": 3}, "pspc": {"patch_size": 3},
-        "scfdm": {"num_samples": 4}}
 
 
 def smooth_set(num: int, seed: int = 0, size: int = 8) -> ImageDataset:
@@ -70,16 +68,21 @@ def unet_dir(tmp_path_factory):
     return save_tiny_unet(tmp_path_factory.mktemp("levels") / "unet", 8)
 
 
-@pytest.mark.parametrize("name", available_models())
-def test_every_model_gives_the_same_x0_hat_at_matched_levels(name, unet_dir, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def added_models():
+    with model_table.added_models():  # the toy model of tests/toy_model.py
+        yield
+
+
+@pytest.mark.parametrize("label", model_table.labels())
+def test_every_model_gives_the_same_x0_hat_at_matched_levels(label, unet_dir, added_models, tmp_path, monkeypatch):
     """x0_hat(a y, (a, a^2 s^2)) = x0_hat(y, (1, s^2)): a VP level and a VE level at the same sigma, and a
-    DDPM timestep against the VE level at its sigma (for models fitted at timesteps, the only ones they take)."""
+    DDPM timestep against the VE level at its sigma (for models fitted at timesteps, the only ones they take),
+    for every variant of every model in tests/model_table.py."""
     monkeypatch.setenv("LOCALDIFF_CACHE", str(tmp_path / "cache"))
     data = smooth_set(30)
-    opts = dict(FAST.get(name, {}))
-    if name == "unet":
-        opts["path"] = str(unet_dir)
-    den = make_denoiser(name, data, device="cpu", **opts)
+    v = model_table.variant(label)
+    den = make_denoiser(v.model, data, device="cpu", **v.build_options(unet_dir))
     y = smooth_set(3, seed=5).tensor(dtype=torch.float64) + 0.3 * torch.randn(3, 1, 8, 8, dtype=torch.float64,
                                                                              generator=torch.Generator().manual_seed(1))
     for t in (900, 500, 100):

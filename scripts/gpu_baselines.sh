@@ -177,7 +177,7 @@ for i in "${!SETS[@]}"; do
   [ "$data" != "$set" ] && prediction=epsilon
   timeout -k 10 $((budget + 30)) "${LD[@]}" train-unet --dataset "$data" "${DATA_ARGS[@]}" --config paper \
     --prediction "$prediction" \
-    --minutes "$minutes" --export-dtype fp16 --device "$DEVICE" --no-progress "${TRAIN_ARGS[@]}" \
+    --minutes "$minutes" --force --export-dtype fp16 --device "$DEVICE" --no-progress "${TRAIN_ARGS[@]}" \
     --out "$net" >"$WORK/logs/train-$set.log" 2>&1
   rc=$?
   status net "$set" "$rc" $(( $(date +%s) - t0 ))

@@ -33,8 +33,6 @@ LABELS = model_table.labels()  # every variant of every covered model
 SHAPE = (1, 8, 8)
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
 DEVICES = ["cpu", CUDA]
-ROWS_NOT_FLOAT64 = {"optimal.float32": "OptimalDenoiser.jacobian_rows returns its stream dtype (float32), not the "
-                    "float64 the interface promises; fixed by the lead after merging"}
 BUILD_BUDGET_S = 20.0  # building a model on the 30 contract images (0.01-2.5 s today on two busy CPU cores)
 
 
@@ -222,8 +220,6 @@ def test_closed_form_jacobian_equals_autograd(label, device, models):
         if caps.constant_jacobian:
             torch.testing.assert_close(den.jacobian_rows(inputs(t, num=1, seed=7, device=device), t, index)[0], rows[0],
                                        atol=1e-12, rtol=0)
-    if dtypes != {torch.float64} and label in ROWS_NOT_FLOAT64:
-        pytest.xfail(ROWS_NOT_FLOAT64[label])
     assert dtypes == {torch.float64}  # Denoiser.jacobian_rows: [B, Q, n] float64, whatever the arithmetic
 
 

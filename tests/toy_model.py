@@ -56,11 +56,9 @@ class ToyDenoiser(StreamedDenoiser):
                                                                       lambda e: e @ y))  # acc [B, n]
         return state.mean().reshape(x_t.shape)
 
-    def jacobian_rows(self, x_t: torch.Tensor, t, index: torch.Tensor) -> torch.Tensor:
-        """Rows ``index`` [Q] of ``(a / (b2 T)) Cov_w(y)`` at each input ``x_t`` [B, C, H, W]: [B, Q, n] float64."""
-        level = self.schedule.at(t)
+    def closed_form_rows(self, x_t: torch.Tensor, level, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` [Q] of ``(a / (b2 T)) Cov_w(y)`` at each input ``x_t`` [B, C, H, W]: [B, Q, n]."""
         x = x_t.reshape(x_t.shape[0], -1).to(device=self.device, dtype=self.dtype)  # [B, n]
-        index = torch.as_tensor(index, device=self.device).reshape(-1)
         state = self.fold(lambda _, y, y_sq: SoftmaxState.moments(self.logits(x, y, y_sq, level).unsqueeze(1), y,
                                                                   index))  # one softmax per query: [B, 1, k]
         rows = (level.a / (level.b2 * self.config.temperature)) * state.covariance_rows(index)

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .data.dataset import _to_float
+from .data.dataset import to_float
 from .data.shards import shard_of
 from .distributed import gather, tqdm
 from .errors import ConfigError
@@ -202,13 +202,13 @@ def nearest_training_distances(queries, data, *, chunk: int = 4096, query_chunk:
     for j in range(2):
         valid = best_i[:, j] >= 0
         if valid.any():
-            y = _to_float(data.raw[best_i[valid, j].numpy() - offset], dtype=torch.float64)
+            y = to_float(data.raw[best_i[valid, j].numpy() - offset], dtype=torch.float64)
             exact[valid, j] = (q_all[valid] - y.reshape(int(valid.sum()), -1)).norm(dim=1)
     # re-rank after the exact recomputation (ties of the expanded form may swap)
     swap = exact[:, 1] < exact[:, 0]
     exact[swap] = exact[swap].flip(1)
     best_i[swap] = best_i[swap].flip(1)
-    image = _to_float(data.raw[best_i[:, 0].clamp_min(offset).numpy() - offset])  # [Q, C, H, W]
+    image = to_float(data.raw[best_i[:, 0].clamp_min(offset).numpy() - offset])  # [Q, C, H, W]
     if shard is not None:  # every rank's two winners, in rank (= index) order: the two nearest of all
         parts = gather((exact, best_i, image))
         exact, best_i = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)  # [Q, 2P]

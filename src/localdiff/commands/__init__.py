@@ -1,7 +1,6 @@
 """Sub-commands of the ``localdiff`` CLI; each module has ``register(subparsers)`` setting ``func``."""
 
 COMMANDS = ["sample", "fields", "study", "evaluate", "experiment", "train_unet", "calibrate", "calibrate_masked",
-COMMANDS = ["sample", "fields", "study", "evaluate", "experiment", "train_unet", "calibrate", "calibrate_masked",
             "convert_network", "probe", "pack", "noise"]
 
 # Commands that run in one process only: under torchrun with more than one process they stop with this reason.

@@ -36,7 +36,8 @@ def register(subparsers) -> None:
 def load_init_noise(path: str) -> torch.Tensor:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"--init-noise file {p} does not exist; write one with numpy.save (float32 [N,C,H,W])")
+        raise ConfigError(f"--init-noise file {p} does not exist; write one with `localdiff noise --num N --shape C,H,W "
+                          f"--seed S --out {p}` (the latents sample --seed S draws) or numpy.save (float32 [N,C,H,W])")
     try:
         arr = np.load(p, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:

@@ -79,7 +79,7 @@ class ImageDataset:
         n = len(self)
         if not -n <= int(i) < n:
             raise IndexError(f"image index {i} out of range for dataset '{self.name}' of {n} images")
-        return _to_float(self.raw[int(i) % n][None])[0]
+        return to_float(self.raw[int(i) % n][None])[0]
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -110,7 +110,7 @@ class ImageDataset:
     def chunk_at(self, start: int, size: int, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, flat: bool = False) -> torch.Tensor:
         """Images ``start .. start + size - 1`` (fewer at the end) as ``[k, C, H, W]`` (or ``[k, n]``)."""
-        x = _to_float(self.raw[start : start + size], device=device, dtype=dtype)
+        x = to_float(self.raw[start : start + size], device=device, dtype=dtype)
         return x.reshape(x.shape[0], -1) if flat else x
 
     def tensor(self, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -165,7 +165,7 @@ class ImageDataset:
                 "storage": str(self.raw.dtype), "fingerprint": self.fingerprint}
 
 
-def _to_float(raw: np.ndarray, *, device: str | torch.device = "cpu",
+def to_float(raw: np.ndarray, *, device: str | torch.device = "cpu",
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 0..255 -> x / 127.5 - 1; float32 is already on the data scale."""
     t = torch.from_numpy(np.ascontiguousarray(raw)).to(device)

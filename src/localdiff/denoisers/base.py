@@ -83,6 +83,13 @@ class Denoiser:
         """``x0_hat`` [B, C, H, W] (in ``x_t``'s dtype and device) at the noise level ``t``: a timestep of
         this model's schedule or a :class:`~localdiff.schedules.NoiseLevel` (validated here, once)."""
         level = self.schedule.at(t)
+        self._checked(x_t)
+        out = self.denoise(x_t.to(self.device), level)
+        check_finite_output(self.name, out, x_t, level.label)
+        return out.to(dtype=x_t.dtype, device=x_t.device)
+
+    def _checked(self, x_t) -> torch.Tensor:
+        """``x_t`` if it is a finite float tensor [B, *shape]; ConfigError naming what is wrong otherwise."""
         if not isinstance(x_t, torch.Tensor):
             raise ConfigError(f"x_t must be a torch.Tensor of shape [B, {', '.join(map(str, self.shape))}]")
         if x_t.ndim != 4 or tuple(x_t.shape[1:]) != self.shape:
@@ -92,19 +99,33 @@ class Denoiser:
         if not x_t.is_floating_point():
             raise ConfigError(f"{self.name}: x_t must be a floating-point tensor, got {x_t.dtype}")
         check_finite_input(self.name, x_t)
-        out = self.denoise(x_t.to(self.device), level)
-        check_finite_output(self.name, out, x_t, level.label)
-        return out.to(dtype=x_t.dtype, device=x_t.device)
+        return x_t
 
     def denoise(self, x_t: torch.Tensor, level: NoiseLevel) -> torch.Tensor:  # pragma: no cover - interface
         """``x0_hat`` for a validated ``x_t`` (on ``self.device``) at a validated ``level``."""
         raise NotImplementedError
 
-    def jacobian_rows(self, x_t: torch.Tensor, t, index: torch.Tensor) -> torch.Tensor:
-        """Rows ``index`` [Q] of ``d x0_hat / d x_t`` at each input ``x_t`` [B, C, H, W]: [B, Q, n] float64, at
-        the level ``t`` (a timestep or a NoiseLevel). Implemented by the models whose
-        ``capabilities.closed_form_jacobian`` is true."""
-        raise ConfigError(f"model '{self.name}' has no closed-form Jacobian; use autograd")
+    def jacobian_rows(self, x_t: torch.Tensor, t, index) -> torch.Tensor:
+        """Rows ``index`` [Q] of ``d x0_hat / d x_t`` at each input ``x_t`` [B, C, H, W]: [B, Q, n] float64 on the
+        model's device, at the level ``t`` (a timestep or a NoiseLevel, validated here once), for the models whose
+        ``capabilities.closed_form_jacobian`` is true (they implement :meth:`closed_form_rows`)."""
+        if not self.capabilities.closed_form_jacobian:
+            raise ConfigError(self.why_no_closed_form())
+        level = self.schedule.at(t)
+        x = self._checked(x_t).to(self.device)
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1).to(self.device)
+        if len(index) and not (0 <= int(index.min()) and int(index.max()) < self.dim):
+            raise ConfigError(f"{self.name}: Jacobian row indices must lie in 0..{self.dim - 1}")
+        return self.closed_form_rows(x, level, index).to(torch.float64)
+
+    def closed_form_rows(self, x_t: torch.Tensor, level: NoiseLevel, index: torch.Tensor) -> torch.Tensor:
+        """The closed-form rows ``index`` [Q] (long, on the device) at a validated ``x_t`` [B, C, H, W] and
+        ``level``: [B, Q, n] (cast to float64 by :meth:`jacobian_rows`)."""
+        raise ConfigError(self.why_no_closed_form())  # pragma: no cover - declared but not implemented
+
+    def why_no_closed_form(self) -> str:
+        """What the error says when this model (with its options) has no closed-form Jacobian."""
+        return f"model '{self.name}' has no closed-form Jacobian; use autograd"
 
     # -- the levels it can be evaluated at (samplers read these; docs/DESIGN.md §10) --------------------
     discrete_levels: ClassVar[bool] = False  # trained at discrete levels only (a network on integer timesteps)

@@ -60,19 +60,18 @@ class OptimalDenoiser(StreamedDenoiser):
         state = self.fold(lambda _, y, y_sq: SoftmaxState.of(optimal_logits(x, y, y_sq, a, b2), y))
         return state.mean().reshape(x_t.shape)
 
-    def jacobian_rows(self, x_t: torch.Tensor, t: int, index: torch.Tensor) -> torch.Tensor:
+    def why_no_closed_form(self) -> str:
+        return "optimal: the closed-form Jacobian is the exact model's; top_k needs autograd"
+
+    def closed_form_rows(self, x_t: torch.Tensor, level: NoiseLevel, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` [Q] of ``d x0_hat / d x_t`` at each input, [B, Q, n].
 
         Closed form: ``(a / b2) * Cov_w(y)``, i.e. row i is
         ``(a / b2) (sum_k w_k y_k[i] y_k - x0_hat[i] x0_hat)`` (the posterior covariance of the
         empirical distribution), streamed over the training set like the denoiser itself.
         """
-        if self.config.top_k is not None:
-            raise ConfigError("optimal: the closed-form Jacobian is the exact model's; top_k needs autograd")
-        level = self.schedule.at(t)
         a, b2 = level.a, level.b2
         x = x_t.reshape(x_t.shape[0], -1).to(device=self.device, dtype=self.dtype)
-        index = torch.as_tensor(index, device=self.device).reshape(-1)
         # [B, 1, k] logits: one softmax per query, shared by every requested row
         state = self.fold(lambda _, y, y_sq: SoftmaxState.moments(optimal_logits(x, y, y_sq, a, b2).unsqueeze(1),
                                                                    y, index))

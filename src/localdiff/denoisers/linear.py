@@ -285,10 +285,10 @@ class TrainedLinearDenoiser(Denoiser):
             x = x * scale
         return torch.addmm(self.c[t], x, self.A[t].T).reshape(x_t.shape)  # A_t x_t + c_t
 
-    def jacobian_rows(self, x_t: torch.Tensor, t, index: torch.Tensor) -> torch.Tensor:
+    def closed_form_rows(self, x_t: torch.Tensor, level: NoiseLevel, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` of the (input-independent) Jacobian ``A_t``, repeated for each input: [B, Q, n]."""
-        t, scale = self._fitted(t)
-        index = torch.as_tensor(index, device=self.A[t].device).reshape(-1)
+        t, scale = self._fitted(level)
+        index = index.to(self.A[t].device)
         return (scale * self.A[t][index] if scale != 1.0 else self.A[t][index]).unsqueeze(0).expand(x_t.shape[0], -1, -1)
 
     def jacobian(self, t) -> torch.Tensor:

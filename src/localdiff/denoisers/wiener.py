@@ -63,12 +63,10 @@ class WienerDenoiser(Denoiser):
         x = x_t.reshape(x_t.shape[0], -1).to(torch.float64)
         return wiener_apply(self.spectrum, x, level.a, level.b2).reshape(x_t.shape)
 
-    def jacobian_rows(self, x_t: torch.Tensor, t: int, index: torch.Tensor) -> torch.Tensor:
+    def closed_form_rows(self, x_t: torch.Tensor, level: NoiseLevel, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` of the (input-independent) Jacobian, repeated for each input: [B, Q, n]."""
-        level = self.schedule.at(t)
         a, b2 = level.a, level.b2
         U = self.spectrum.eigvecs
-        index = torch.as_tensor(index, device=U.device).reshape(-1)
         rows = (U[index] * wiener_shrinkage(self.spectrum.eigvals, a, b2)) @ U.T  # [Q, n]
         return rows.unsqueeze(0).expand(x_t.shape[0], -1, -1)
 

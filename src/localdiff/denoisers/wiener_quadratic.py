@@ -183,13 +183,12 @@ class WienerQuadraticDenoiser(StreamedDenoiser):
         out = wiener_apply(spec, x, a, b2) + (self._features(x, a) * beta).sum(-1)
         return out.reshape(x_t.shape)
 
-    def jacobian_rows(self, x_t: torch.Tensor, t: int, index: torch.Tensor) -> torch.Tensor:
+    def closed_form_rows(self, x_t: torch.Tensor, level: NoiseLevel, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` [Q] of ``d x0_hat / d x_t`` [B, Q, n]: Wiener's ``J_t`` plus, on ``N_i``,
         ``beta_p + sum_q (B + B^T)_pq z_q`` with B the quadratic coefficients on p <= q (0 below)."""
-        level = self.schedule.at(t)
         a, b2 = level.a, level.b2
         k = self.nbhd.shape[1]
-        index = torch.as_tensor(index).reshape(-1).cpu()
+        index = index.cpu()
         x = x_t.reshape(x_t.shape[0], -1).to("cpu", torch.float64)
         beta = self.coefficients(level)[index]  # [Q, F]
         nb = self.nbhd[index]  # [Q, k]

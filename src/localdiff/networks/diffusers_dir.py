@@ -14,10 +14,9 @@ import torch
 
 from ..errors import ConfigError
 from ..schedules import DEFAULT_SCHEDULE, Schedule
+from ..unet.files import MANIFEST_NAME, WEIGHTS_NAME
 from .reference import PREDICTION_TYPES, TimestepNetwork
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-MANIFEST_NAME = "localdiff_unet.json"
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 _EXPECTED = ("a diffusers UNet2DModel directory (config.json + diffusion_pytorch_model.safetensors), "
              "such as the --out directory of `localdiff train-unet` or a save_pretrained() directory")

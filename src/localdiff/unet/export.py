@@ -15,7 +15,7 @@ from ..device import device_name
 from ..errors import ConfigError, LocaldiffError
 from .checkpoints import fsync_dir, fsync_file, make_readable, remove_stale_partials, sha256_file, write_json
 from .configs import build_unet, schedule_record
-from .training import LOSS_EMA_DECAY, MANIFEST_FORMAT, MANIFEST_NAME, WEIGHTS_NAME
+from .files import LOSS_EMA_DECAY, MANIFEST_FORMAT, MANIFEST_NAME, WEIGHTS_NAME
 
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -38,10 +38,7 @@ from .configs import TrainConfig, UNetConfig, build_unet, schedule_record
 from .recipe import DataOrder, ema_decay_at, lr_at, mix_seed, warmup_for
 from .signals import TrainingInterrupted, deferred_signals
 
-MANIFEST_FORMAT = "localdiff-unet/1"
-MANIFEST_NAME = "localdiff_unet.json"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-LOSS_EMA_DECAY = 0.99  # smoothing of the reported loss
+from .files import LOSS_EMA_DECAY, MANIFEST_FORMAT, MANIFEST_NAME, WEIGHTS_NAME  # noqa: F401 (public here too)
 LOG_EVERY = 50  # steps per entry of the loss history (and per device sync on CUDA)
 
 __all__ = ["UNetTrainer", "TrainingInterrupted", "DataOrder", "CheckpointError", "find_checkpoint",
@@ -89,7 +86,8 @@ class UNetTrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=lr_at(0, cfg), weight_decay=cfg.weight_decay, **kwargs)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
 
-        self.images = torch.from_numpy(data.raw).to(self.device)  # [N, C, H, W] uint8 or float32, resident
+        self.images = torch.from_numpy(np.asarray(data.raw)).to(self.device)  # [N, C, H, W] uint8 or float32,
+        # resident (a store is read whole here, within its memory cap)
         self.order = DataOrder(len(data), seed=cfg.seed)
         self.rank, self.world_size = 0, 1  # this process's rows of each global batch (see unet/distributed.py)
         self.gen = torch.Generator(device=self.device).manual_seed(mix_seed(cfg.seed, 1))  # t, noise, flips

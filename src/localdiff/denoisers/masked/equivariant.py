@@ -290,15 +290,14 @@ class MaskedEquivariantDenoiser(StreamedDenoiser):
 
     # -- closed-form Jacobian -----------------------------------------------------------------------
     @torch.no_grad()
-    def jacobian_rows(self, x_t: torch.Tensor, t: int, index: torch.Tensor) -> torch.Tensor:
+    def closed_form_rows(self, x_t: torch.Tensor, level: NoiseLevel, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` [Q] of ``d x0_hat / d x_t``, [B, Q, n] float64. For output pixel i with cut
         stencil D_i: ``d x0_hat_i / d x_t[c', p_i + d] = (a / (b2 T)) W_{c',d} Cov_w(y_k[c, j], y_k[c', j + d])``
         over the candidates (k, j) with their softmax weights (every other entry is 0)."""
-        level = self.schedule.at(t)
         a, b2T = level.a, level.b2 * self.temperature_at(level)
         B = x_t.shape[0]
         x = x_t.reshape(B, -1).to(device=self.device, dtype=torch.float64)
-        index = torch.as_tensor(index).reshape(-1).cpu()
+        index = index.cpu()
         HW = self.shape[1] * self.shape[2]
         rows = torch.zeros(B, len(index), self.dim, dtype=torch.float64, device=self.device)
         where = {}

@@ -400,19 +400,18 @@ class MaskedDenoiser(StreamedDenoiser):
 
     # -- closed-form Jacobian -------------------------------------------------------------------
     @torch.no_grad()
-    def jacobian_rows(self, x_t: torch.Tensor, t: int, index: torch.Tensor) -> torch.Tensor:
+    def why_no_closed_form(self) -> str:
+        return ("the closed-form Jacobian needs the exact softmax; drop chunk_average (and compat=official) or use "
+                "autograd")
+
+    def closed_form_rows(self, x_t: torch.Tensor, level: NoiseLevel, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` [Q] of ``d x0_hat / d x_t`` at each input, [B, Q, n], float64.
 
         Closed form (docs/DESIGN.md §3): ``d x0_hat_i / d x_t[m] = (a / (b2 T)) 1[m in S_i] Cov_{w_i}(y[i], y[m])``,
         streamed over the training set with a max-shifted softmax per query and row (exact mode only).
         """
-        if self.chunk_average is not None:
-            raise ConfigError("the closed-form Jacobian needs the exact softmax; drop chunk_average (and "
-                              "compat=official) or use autograd")
-        level = self.schedule.at(t)
         a, b2, T = level.a, level.b2, self.temperature_at(level)
         x = x_t.reshape(x_t.shape[0], -1).to(device=self.device, dtype=torch.float64)
-        index = torch.as_tensor(index, device=self.device).reshape(-1)
         Mq = self.masks(level)[:, index]  # [n, Q]: the masks S_i of the requested rows
         state = None
         for yt in self.columns:

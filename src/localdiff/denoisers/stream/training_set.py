@@ -12,7 +12,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ...data.dataset import _to_float
+from ...data.dataset import to_float
 from ...data.shards import shard_of, total_images
 from ...errors import ConfigError
 
@@ -79,7 +79,7 @@ class TrainingSet:
         if len(flat) and (flat.min() < 0 or flat.max() >= len(self.data)):
             raise IndexError("rows: an index outside the images this process holds")
         raw = self.data.raw[flat]
-        y = _to_float(raw, device=self.device, dtype=self.dtype).reshape(len(flat), -1)
+        y = to_float(raw, device=self.device, dtype=self.dtype).reshape(len(flat), -1)
         return y.reshape(*index.shape, -1)
 
 

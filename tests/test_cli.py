@@ -165,7 +165,7 @@ def test_every_command_takes_the_same_running_flags():
     for name, sub in subs.items():
         flags = {o for a in sub._actions for o in a.option_strings}
         assert "--no-progress" in flags, name
-        if name not in ("convert-network", "pack"):
+        if name not in ("convert-network", "pack", "noise"):
             assert {"--device", "--seed"} <= flags, name
             device = next(a for a in sub._actions if "--device" in a.option_strings)
             assert device.help.startswith("cpu, cuda or auto"), (name, device.help)

@@ -25,6 +25,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0, as sample's)")
     p.add_argument("--out", required=True, metavar="FILE.npy",
                    help="new .npy file (never overwritten; one holding this very noise is left as it is)")
+    p.add_argument("--no-progress", action="store_true", help="(no progress bars are drawn by this command)")
     p.set_defaults(func=run)
 
 

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..data import ImageDataset, load_dataset
+from ..data import ImageDataset, as_dataset, load_dataset
 from ..data.raw import SPLIT_RULE, split_indices
 from ..denoisers.masked.masks import default_tau
 from ..device import resolve_device
@@ -197,7 +197,7 @@ def _datasets(item, held, *, subset, seed, split, need_held) -> tuple[ImageDatas
             return train, held, {"split": split, "rule": held.meta.get("split_rule", "the source's own split")}
     else:
         if held is None:  # images in memory have no split of their own: hold out every 10th image
-            whole = item if isinstance(item, ImageDataset) else load_dataset(item)
+            whole = as_dataset(item)  # an array as given: every image (split here)
             n = len(whole)
             tr, te = split_indices(n, "train"), split_indices(n, "test")
             if te.size < 2:
@@ -209,10 +209,10 @@ def _datasets(item, held, *, subset, seed, split, need_held) -> tuple[ImageDatas
             return train, whole.select(te, note="probe: held out"), {
                 "split": None, "rule": f"images in memory without a split: {SPLIT_RULE}; the rest is the training set",
                 "overlaps_training": False}
-        train = item if isinstance(item, ImageDataset) else load_dataset(item)
+        train = as_dataset(item)
         if subset is not None:
             train = train.subset(subset, seed)
-    held = held if isinstance(held, ImageDataset) else load_dataset(held)
+    held = as_dataset(held)
     return train, held, {"split": None, "rule": "held-out images given by the caller"}
 
 

@@ -27,6 +27,8 @@ def test_readme_python_snippet_runs_as_written(tmp_path, monkeypatch):
     assert out.samples.shape == (4, 1, 28, 28) and torch.isfinite(out.samples).all()
     assert out.timesteps == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0] and out.xt.shape == (10, 4, 1, 28, 28)
     assert den.name == "masked" and den.tau == 0.005
+    for snippet in snippets[1:]:  # every other snippet runs as written too
+        exec(compile(snippet, "README.md", "exec"), {})  # noqa: S102
 
 
 def test_design_citations_name_existing_sections():

@@ -36,7 +36,9 @@ NOT_RUN = {
     r"localdiff study .*--device cuda": "needs a GPU",
     r"localdiff study --data my_images/": "needs your own images (my_images/) and a U-Net trained on them",
     r"localdiff sample --data my_images/": "needs your own images (my_images/)",
-    r"localdiff sample --dataset mnist --model nearest --init-noise noise.npy": "needs noise.npy written first",
+    r"localdiff sample --dataset mnist --model unet --unet ckpt_epoch_200.pt": "needs the paper's checkpoint "
+                                                                              "(downloaded on a machine with internet)",
+    r"localdiff sample --data cifar-10-batches-py/ --model unet --unet edm-": "needs CIFAR-10 and an EDM network",
     r"localdiff calibrate-masked ": "2.6 minutes on two cores",
     r"localdiff evaluate --dataset mnist --models masked,masked-soft,masked-equivariant": "needs calibrate-masked's "
                                                                                           "masked-mnist.json",
@@ -47,9 +49,17 @@ NOT_RUN = {
     r"localdiff experiment locality-follows-data --config paper": "needs a GPU",
     r"localdiff calibrate-patches ": "15 minutes on two cores",
     r"localdiff sample --dataset mnist --model els --opt patch_schedule=els.json": "needs calibrate-patches' els.json",
-    r"torchrun --standalone --nproc-per-node 2 --no-python -- localdiff sample --dataset mnist --model masked "
-    r"--init-noise noise.npy": "needs noise.npy written first",
     r"torchrun --nnodes 4 ": "needs four machines with GPUs",
+    r"localdiff study --num 32 --sampler heun": "32 samples with Heun (35 evaluations each): tens of minutes on two "
+                                               "cores",
+    r"localdiff convert-network ": "needs an EDM network file (downloaded on a machine with internet)",
+    r"localdiff probe mnist fashion-mnist mnist-permuted": "about a minute on two cores (README time table)",
+    r"localdiff probe my_images/": "needs your own images (my_images/)",
+    r"localdiff probe mnist --unet shipped": "about a minute on two cores",
+    r"localdiff probe natural-patches": "3-5 minutes on two cores",
+    r"localdiff pack imagenet64/": "needs Downsampled ImageNet 64x64 (imagenet64/)",
+    r"torchrun --standalone --nproc-per-node 2 --no-python -- localdiff evaluate --data imagenet64.ldstore": "needs "
+        "the ImageNet-64 store",
     r"torchrun --standalone --nproc-per-node 8 ": "needs eight GPUs",
 }
 
@@ -191,25 +201,20 @@ def test_noise_refuses_bad_arguments_with_the_fix(tmp_path, capsys, args, messag
     assert (tmp_path / "there.npy").read_bytes() == b"mine" and not (tmp_path / "n.npy").exists()
 
 
-@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-                    reason="this PyTorch has no gloo backend")
-def test_readme_torchrun_block_runs_with_its_noise_file(tmp_path):
-    """The README's torchrun sample command, preceded by the noise command it needs: the proposed block (see
-    the report of issue 23) on a tiny data set, so the pair is known to work before the README shows it."""
-    if shutil.which("localdiff", path=environment(tmp_path)["PATH"]) is None:
-        pytest.skip("the localdiff console script is not installed")
-    x = np.random.default_rng(0).integers(0, 256, (40, 1, 8, 8)).astype(np.uint8)
-    np.savez(tmp_path / "d.npz", x)
-    block = ("localdiff noise --num 4 --shape 1,8,8 --seed 0 --out noise.npy\n"
-             "torchrun --standalone --nproc-per-node 2 --no-python -- \\\n"
-             "    localdiff sample --data d.npz --model masked --init-noise noise.npy --out runs/masked-2\n")
-    env = environment(tmp_path)
-    env.update(OMP_NUM_THREADS="1", LOCALDIFF_DIST_TIMEOUT="120", LOCALDIFF_CACHE=str(tmp_path / "cache"))
-    for command in commands(block):
-        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=300)
-        assert done.returncode == 0, f"`{command}`:\n{done.stderr[-4000:]}"
-    assert np.load(tmp_path / "runs" / "masked-2" / "samples.npy").shape == (4, 1, 8, 8)
+@pytest.mark.slow
+def test_the_demo_ends_with_the_line_the_readme_shows(tmp_path):
+    """`make demo` runs `localdiff study --dataset mnist --out ...`; its last line, up to the report's path, is
+    the one the README quotes (issue 23 item 10)."""
+    text = README.read_text()
+    quoted = re.search(r"<!-- demo-output -->\n```\n(.*?)\n```", text, re.S).group(1).strip()
+    make = (ROOT / "Makefile").read_text()
+    assert re.search(r"localdiff\" study --dataset mnist --out \$\(OUT\)", make), "the demo's command changed"
+    done = subprocess.run([sys.executable, "-m", "localdiff.cli", "study", "--dataset", "mnist", "--out",
+                           str(tmp_path / "demo"), "--no-progress"], cwd=tmp_path, env=environment(tmp_path),
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.split("; report: ")[0] == quoted, f"the demo now ends with:\n{last}"
 
 
 # -- a failing rank's cause comes last --------------------------------------------------------------------

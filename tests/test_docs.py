@@ -104,3 +104,15 @@ print("ok")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     r = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_the_chunk_size_is_defined_once():
+    """Issue 22: no literal chunk size outside the config defaults (data.dataset.DEFAULT_CHUNK); 4096 appears
+    elsewhere only as what it is there (a pixel count in the masked plan, a byte alignment in the store)."""
+    allowed = {"src/localdiff/data/dataset.py": "DEFAULT_CHUNK = 4096", "src/localdiff/denoisers/masked/plan.py":
+               "DENSE_Q_MAX = 4096", "src/localdiff/data/store.py": "4096"}
+    for path in ROOT.glob("src/**/*.py"):
+        rel = str(path.relative_to(ROOT))
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"\b4096\b", line) and not (rel in allowed and allowed[rel] in line):
+                raise AssertionError(f"{rel}:{n}: a literal 4096 (use data.dataset.DEFAULT_CHUNK): {line.strip()}")

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .data.dataset import to_float
+from .data.dataset import DEFAULT_CHUNK, to_float
 from .data.shards import shard_of
 from .distributed import gather, tqdm
 from .errors import ConfigError
@@ -158,7 +158,7 @@ class NearestImages:
                 "max": float(d.max()), "mean_ratio_to_second": float(self.ratio.mean())}
 
 
-def nearest_training_distances(queries, data, *, chunk: int = 4096, query_chunk: int = 1024,
+def nearest_training_distances(queries, data, *, chunk: int = DEFAULT_CHUNK, query_chunk: int = 1024,
                                device: str | torch.device = "cpu", progress: bool = False) -> NearestImages:
     """Distance of each image in ``queries`` [Q, C, H, W] to its nearest image in ``data`` (an ImageDataset).
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .data.dataset import DEFAULT_CHUNK
 from .data.shards import shard_of
 from .distributed import broadcast_json, broadcast_tensors, is_main, merge_ranks, tqdm
 from .errors import CacheError
@@ -69,7 +71,7 @@ class MomentState:
         return 0.5 * (cov + cov.T)
 
 
-def moments(data, *, device: str | torch.device = "cpu", chunk: int = 4096,
+def moments(data, *, device: str | torch.device = "cpu", chunk: int = DEFAULT_CHUNK,
             progress: bool = True) -> MomentState:
     """Stream the dataset once and return its MomentState (of the whole set, when ``data`` is a shard).
 
@@ -197,7 +199,7 @@ def parse_spectrum(data: bytes, fingerprint: str, path="<bytes>") -> Spectrum:
 
 
 def data_spectrum(data, *, device: str | torch.device = "cpu", cache: bool | str | Path = True,
-                  chunk: int = 4096, progress: bool = True) -> Spectrum:
+                  chunk: int = DEFAULT_CHUNK, progress: bool = True) -> Spectrum:
     """Mean and eigendecomposed covariance of ``data``, cached on disk by the data's fingerprint.
 
     ``cache`` is True (default directory: $LOCALDIFF_CACHE or ~/.cache/localdiff), a directory, or

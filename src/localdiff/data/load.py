@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from .builtin import BUILTINS
-from .dataset import ImageDataset
+from .dataset import DEFAULT_CHUNK, ImageDataset
 from .formats import ACCEPTED_PATHS, RESIZE_METHOD, SPLITS, RawData, read_path, resize_images
 from .limits import ReadLimits
 from .raw import HELD_OUT_EVERY, split_indices, split_record
@@ -20,7 +20,6 @@ from .store import is_store
 BUILTIN_DATASETS: dict[str, str] = {name: b.description for name, b in BUILTINS.items()}
 
 LUMA_601 = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights for R, G, B
-_CHUNK = 4096
 
 
 def load_dataset(
@@ -210,8 +209,8 @@ def convert_channels(raw: np.ndarray, channels: int | None) -> tuple[np.ndarray,
     if c == 3 and channels == 1:
         w = np.asarray(LUMA_601, dtype=np.float64)[None, :, None, None]
         out = np.empty((raw.shape[0], 1, *raw.shape[2:]), dtype=raw.dtype)
-        for s in range(0, raw.shape[0], _CHUNK):
-            y = (raw[s : s + _CHUNK].astype(np.float64) * w).sum(axis=1, keepdims=True)  # Y = .299 R + .587 G + .114 B
-            out[s : s + _CHUNK] = np.clip(np.rint(y), 0, 255) if raw.dtype == np.uint8 else np.clip(y, -1, 1)
+        for s in range(0, raw.shape[0], DEFAULT_CHUNK):
+            y = (raw[s : s + DEFAULT_CHUNK].astype(np.float64) * w).sum(axis=1, keepdims=True)  # Y = .299 R + .587 G + .114 B
+            out[s : s + DEFAULT_CHUNK] = np.clip(np.rint(y), 0, 255) if raw.dtype == np.uint8 else np.clip(y, -1, 1)
         return out, "ITU-R BT.601 luma (0.299 R + 0.587 G + 0.114 B)"
     raise ConfigError(f"cannot convert {c}-channel images to {channels} channels (only 1 <-> 3)")

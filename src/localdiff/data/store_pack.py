@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from .arrays import image_array, read_npy_header
+from .dataset import DEFAULT_CHUNK
 from .formats import imagenet_files, is_cifar_dir, is_imagenet_dir, read_imagenet_batch
 from .limits import ReadLimits, format_bytes, nbytes_of, read_into
 from .load import _check_options, convert_channels, load_dataset, load_record
@@ -32,7 +33,7 @@ from .store import SPLIT_NAMES
 from .store_write import StoreWriter, refuse_existing
 
 PIECE_BYTES = 64 << 20  # rows read at a time from a streamed .npy
-_STEP = 4096  # images handed to the writer at a time from a dataset in memory
+_STEP = DEFAULT_CHUNK  # images handed to the writer at a time from a dataset in memory
 
 
 @dataclass

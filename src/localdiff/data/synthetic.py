@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import DataError
-from .dataset import ImageDataset
+from .dataset import DEFAULT_CHUNK, ImageDataset
 
 
 def grf_spectrum(size: int, alpha: float, anisotropy: float = 1.0, k0: float = 1.0) -> np.ndarray:
@@ -57,8 +57,8 @@ def gaussian_random_field(num: int = 20000, size: int = 16, *, alpha: float = 3.
     rng = np.random.default_rng(seed)
     amp = np.sqrt(grf_spectrum(size, alpha, anisotropy, k0))
     out = np.empty((num, 1, size, size), dtype=np.float32)
-    for start in range(0, num, 4096):
-        m = min(4096, num - start)
+    for start in range(0, num, DEFAULT_CHUNK):
+        m = min(DEFAULT_CHUNK, num - start)
         white = rng.standard_normal((m, size, size))
         field = np.real(np.fft.ifft2(np.fft.fft2(white) * amp))
         out[start:start + m, 0] = field * std
@@ -172,8 +172,8 @@ def varying_blur_field(num: int = 20000, size: int = 16, *, sigma_left: float = 
     K = varying_blur_kernel(size, sigma_left, sigma_right)
     rng = np.random.default_rng(seed)
     out = np.empty((num, 1, size, size), dtype=np.float32)
-    for start in range(0, num, 4096):
-        m = min(4096, num - start)
+    for start in range(0, num, DEFAULT_CHUNK):
+        m = min(DEFAULT_CHUNK, num - start)
         white = rng.standard_normal((m, K.shape[1]))  # [m, padded grid]
         out[start:start + m, 0] = ((white @ K.T) * std).reshape(m, size, size)  # x = K w
     clipped = int((np.abs(out) > 1).sum())

@@ -51,6 +51,7 @@ from ..distributed import tqdm
 from ..errors import ConfigError
 from ..schedules import NoiseLevel
 from ..stats import Spectrum, data_spectrum
+from ..data.dataset import DEFAULT_CHUNK
 from ..device import resolve_dtype
 from .base import Capabilities, Denoiser, DenoiserConfig
 from .wiener import wiener_jacobian, wiener_shrinkage
@@ -195,7 +196,7 @@ class TrainedLinearDenoiser(Denoiser):
         j = wiener_shrinkage(lam, a, b2)  # eigenvalues of J_t
         # R^2 = max over images of E||input||^2 (the noise adds its trace), and a bound on lambda_max(H)
         w64 = (a * a * lam + b2).rsqrt() if whiten else torch.ones_like(lam)  # D^-1/2 whitens a y' + s eps
-        r2 = max(float((a * y.to(torch.float64) * w64).square().sum(1).max()) for y in Y.split(4096))
+        r2 = max(float((a * y.to(torch.float64) * w64).square().sum(1).max()) for y in Y.split(DEFAULT_CHUNK))
         if whiten:
             r2 += float((b2 * w64 * w64).sum())
             h_max = 1.0  # E[z z^T] = I and E[z] = 0

@@ -12,7 +12,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ...data.dataset import to_float
+from ...data.dataset import DEFAULT_CHUNK, to_float
 from ...data.shards import shard_of, total_images
 from ...errors import ConfigError
 
@@ -39,7 +39,7 @@ class TrainingSet:
     Squared norms ``||y_k||^2`` are computed once per chunk and reused.
     """
 
-    def __init__(self, data, *, device: torch.device, dtype: torch.dtype, chunk: int = 4096,
+    def __init__(self, data, *, device: torch.device, dtype: torch.dtype, chunk: int = DEFAULT_CHUNK,
                  resident: bool | None = None, max_resident_bytes: int = 4 << 30):
         if chunk < 1:
             raise ConfigError(f"chunk must be a positive number of images, got {chunk}")
@@ -49,7 +49,7 @@ class TrainingSet:
         bytes_needed = len(data) * data.dim * torch.finfo(dtype).bits // 8
         self.resident = default_resident(data, device, bytes_needed, max_resident_bytes) if resident is None \
             else bool(resident)
-        if not self.resident and streamed(data):  # read from disk: chunks of about 16 MB, not 4096 images
+        if not self.resident and streamed(data):  # read from disk: chunks of about 16 MB, not DEFAULT_CHUNK images
             self.chunk = max(1, min(self.chunk, STREAMED_CHUNK_BYTES // (data.dim * torch.finfo(dtype).bits // 8)))
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         if self.resident:

@@ -65,11 +65,12 @@ def make(name: str, work: Path, runs: dict) -> Path:
         print("$ localdiff " + " ".join(command), flush=True)
         subprocess.run(cmd, check=True, cwd=work)
     target = DOCS / f"{name}.png"
-    tmp = target.with_name(f".{target.name}.tmp")
+    source = run_dir / output
     if output.endswith(".html"):
-        screenshot(run_dir / output, tmp, work)
-    else:
-        shutil.copyfile(run_dir / output, tmp)
+        source = work / f"{name}-screenshot.png"
+        screenshot(run_dir / output, source, work)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
     os.replace(tmp, target)
     return target
 

@@ -62,7 +62,7 @@ def load_dataset(
     The returned dataset's ``meta`` records the source and every choice, so its fingerprint changes
     with any of them.
     """
-    split = _check_options(split, resolution, channels, subset, seed)
+    split = check_options(split, resolution, channels, subset, seed)
     limits = ReadLimits.resolve(max_bytes)
     if _is_array(name_or_path):
         if options:
@@ -146,7 +146,8 @@ def _builtin_name(name_or_path) -> str | None:
     return key if key in BUILTINS else None
 
 
-def _check_options(split, resolution, channels, subset, seed) -> str:
+def check_options(split, resolution, channels, subset, seed) -> str:
+    """Validate load_dataset's options (also for `localdiff pack`); returns the split, ConfigError otherwise."""
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     for what, v in (("resolution", resolution), ("subset", subset)):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from .safe_pickle import _Machine as Machine
+    from .safe_pickle import PickleMachine as Machine
 
 _SCALAR_KEYS = (str, bytes, int, float, bool, type(None))
 

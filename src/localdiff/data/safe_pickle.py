@@ -53,7 +53,7 @@ def _shape(obj: Any) -> tuple[int, ...]:
     return obj
 
 
-class _Machine:
+class PickleMachine:
     """The stack machine: ``run()`` returns the unpickled object."""
 
     def __init__(self, data: bytes, encoding: str):
@@ -231,7 +231,7 @@ def _plain(obj, seen: dict, depth: int = 0):
 
 def loads_plain(data: bytes, *, encoding: str = "bytes") -> Any:
     """Unpickle plain data from ``data`` (see the module docstring); raises ``_Refused``/``_Corrupt``."""
-    machine = _Machine(data, encoding)
+    machine = PickleMachine(data, encoding)
     result = machine.run()
     return _plain(result, {})
 

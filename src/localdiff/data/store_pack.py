@@ -27,7 +27,7 @@ from .arrays import image_array, read_npy_header
 from .dataset import DEFAULT_CHUNK
 from .formats import imagenet_files, is_cifar_dir, is_imagenet_dir, read_imagenet_batch
 from .limits import ReadLimits, format_bytes, nbytes_of, read_into
-from .load import _check_options, convert_channels, load_dataset, load_record
+from .load import check_options, convert_channels, load_dataset, load_record
 from .raw import RESIZE_METHOD, SPLIT_RULE, resize_images, split_indices, split_record
 from .store import SPLIT_NAMES
 from .store_write import StoreWriter, refuse_existing
@@ -172,7 +172,7 @@ def pack(source, out: str | os.PathLike, *, splits: list[str] | None = None, blo
     explicit = splits is not None
     splits = list(splits or SPLIT_NAMES)
     for s in splits:
-        _check_options(s, resolution, channels, None, 0)
+        check_options(s, resolution, channels, None, 0)
         if s not in SPLIT_NAMES:
             raise ConfigError(f"a store holds the splits {', '.join(SPLIT_NAMES)} ('all' is both); got '{s}'")
     if len(set(splits)) != len(splits):

@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--num-train", type=int, default=0, help="training images (0: all 60,000)")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--runs-only", action="store_true", help="time only the whole 10-step runs in the rounds")
     ap.add_argument("--json", default=None, help="also write every timing and the load averages here")
     args = ap.parse_args()
     import torch
@@ -81,7 +82,7 @@ def main() -> None:
                 procs[name].stdin.write("-1 sample\n")
                 procs[name].stdin.flush()
                 res[name].setdefault("samples", []).append(json.loads(procs[name].stdout.readline())["s"])
-            for t in timesteps:
+            for t in ([] if args.runs_only else timesteps):
                 for name in (("old", "new") if r % 2 == 0 else ("new", "old")):
                     for mode in ("first", "warm"):
                         procs[name].stdin.write(f"{t} {mode}\n")
@@ -95,13 +96,15 @@ def main() -> None:
         a, b = (torch.load(os.path.join(tmp, f"{n}.pt")) for n in ("old", "new"))
     same = torch.equal(a["samples"], b["samples"]) and torch.equal(a["x0"], b["x0"])
     print(f"sampling runs bit-identical: {same}")
+    if args.runs_only:
+        timesteps = []
     print(f"{'t':>4} {'old first':>10} {'new first':>10} {'old warm':>9} {'new warm':>9}  (best of {args.rounds})")
     for t in timesteps:
         print(f"{t:>4} " + " ".join(f"{min(res[n][m][t]):>{w}.3f}" for n, m, w in
                                     (("old", "first", 10), ("new", "first", 10), ("old", "warm", 9), ("new", "warm", 9))))
 
     def total(name, mode, pick):
-        return sum(pick(sorted(res[name][mode][t])) for t in timesteps)
+        return sum(pick(sorted(res[name][mode][t])) for t in timesteps) if timesteps else float("nan")
 
     for label, pick in (("best", lambda v: v[0]), ("median", lambda v: v[len(v) // 2])):
         print(f"sum of per-step {label}: first calls old {total('old', 'first', pick):.2f} s, new "
@@ -120,7 +123,7 @@ def main() -> None:
             json.dump(dict(args=vars(args), bit_identical=same, timesteps=timesteps, loads=loads, summary=summary,
                            sample_s={n: res[n]["sample_s"] for n in res},
                            sample_rounds_s={n: res[n].get("samples", []) for n in res},
-                           calls={n: {m: {str(t): v for t, v in res[n][m].items()} for m in ("first", "warm")}
+                           calls={n: {m: {str(t): v for t, v in res[n].get(m, {}).items()} for m in ("first", "warm")}
                                   for n in res}), f, indent=1)
 
 

@@ -8,6 +8,9 @@
                             (torchrun, gloo): wall time and peak RSS per process, blocks read per rank, against
                             the floor max(store bytes / read bandwidth, 2 B K n / matmul rate), both measured
                             here first
+    optimal-parts STORE     where that call's time goes: each stage of its per-chunk loop timed alone on the
+                            first images of the store (read cold and warm, convert, norms, the two products,
+                            the softmax), scaled to the whole set
     study STORE             `localdiff study --data STORE --no-unet --num 8 --device cpu` end to end
 
     python benchmarks/store_synthetic.py imagenet64 /work/bigdata/imagenet64-grf.ldstore
@@ -194,6 +197,7 @@ def optimal_worker(args) -> None:
 
     w = distributed.init_from_env()
     torch.set_num_threads(args.threads)
+    prof = instrument() if args.profile else None
     if w.rank == 0:
         drop_cache(Path(args.store))
     if w.active:
@@ -206,18 +210,72 @@ def optimal_worker(args) -> None:
     den = make_denoiser("optimal", data, **opts)
     t1 = time.perf_counter()
     x = torch.randn(8, *data.shape, generator=torch.Generator().manual_seed(0))
-    c1 = cpu_seconds()
+    c1, f1 = cpu_seconds(), minor_faults()
     x0 = den(x, args.t)
     t2 = time.perf_counter()
-    cpu = cpu_seconds() - c1
+    cpu, faults = cpu_seconds() - c1, minor_faults() - f1
     s = data.read_stats
     blocks = {k: v for k, v in s.blocks.items() if "block" in k}
     rec = {"rank": w.rank, "world_size": w.size, "threads": args.threads, "images": len(data),
            "resident": den.train_set.resident, "chunk": den.train_set.chunk, "load_s": round(t1 - t0, 2),
-           "call_s": round(t2 - t1, 2), "call_cpu_s": round(cpu, 1), "peak_rss_mib": round(status("VmHWM")), "bytes_read": s.bytes,
+           "call_s": round(t2 - t1, 2), "call_cpu_s": round(cpu, 1), "call_minor_faults": faults, "peak_rss_mib": round(status("VmHWM")), "bytes_read": s.bytes,
            "blocks": blocks, "x0_sum": float(x0.double().sum()), "x0_first": x0.reshape(-1)[:8].tolist()}
+    if prof is not None:
+        rec["profile_s"] = {k: round(v, 2) for k, v in prof.items()}
     Path(args.out_dir, f"rank{w.rank}.json").write_text(json.dumps(rec))
     distributed.shutdown()
+
+
+def instrument() -> dict:
+    """Wall seconds spent in each stage of the real `optimal` call (patched in: the store's block reads, in the
+    read-ahead thread; the uint8 -> float conversion; the chunk iterator, i.e. waiting for the read-ahead +
+    conversion + squared norms; the logits product; the softmax state). Returns the dict that fills up."""
+    import localdiff.denoisers.empirical as emp
+    from localdiff.data.store_dataset import StoreDataset, StoreRows
+    from localdiff.denoisers.stream import SoftmaxState
+    from localdiff.denoisers.stream.training_set import TrainingSet
+
+    prof = {"read (read-ahead thread)": 0.0, "convert": 0.0, "next chunk (wait + convert + norms)": 0.0,
+            "logits": 0.0, "softmax state": 0.0}
+
+    def wrap(name, fn):
+        def inner(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                prof[name] += time.perf_counter() - t
+        return inner
+
+    StoreRows.read = wrap("read (read-ahead thread)", StoreRows.read)
+    StoreDataset._convert = wrap("convert", StoreDataset._convert)
+    emp.optimal_logits = wrap("logits", emp.optimal_logits)
+    of = SoftmaxState.of.__func__
+    SoftmaxState.of = classmethod(wrap("softmax state", of))
+    it = TrainingSet.__iter__
+
+    def timed_iter(self):
+        g = it(self)
+        while True:
+            t = time.perf_counter()
+            try:
+                item = next(g)
+            except StopIteration:
+                return
+            finally:
+                prof["next chunk (wait + convert + norms)"] += time.perf_counter() - t
+            yield item
+
+    TrainingSet.__iter__ = timed_iter
+    return prof
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (fresh memory touched: large allocations that the allocator
+    took from and gave back to the kernel are faulted in, and zeroed, page by page)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def cpu_seconds() -> float:
@@ -242,14 +300,17 @@ def cmd_optimal(args) -> dict:
     K, n = len(ds), ds.dim
     out = {"store": str(args.store), "images": K, "n": n, "store_bytes": ds.raw.nbytes, "batch": 8, "t": args.t,
            "load_before": load()}
-    bw = cold_read_bandwidth(Path(args.store))
-    rates = matmul_rates(n, args.cores)
     macs = 2 * 8 * K * n
-    out.update(read_GBps=round(bw / 1e9, 2), matmul=rates, macs=macs,
-               floor_read_s=round(ds.raw.nbytes / bw, 2),
-               floor_square_s=round(macs / rates["square_2048"], 2),
-               floor_batch8_s=round(macs / max(rates["batch8_k4096"], rates["batch8_k256"]), 2))
-    out["floor_s"] = max(out["floor_read_s"], out["floor_square_s"])
+    if not args.no_floor:
+        bw = cold_read_bandwidth(Path(args.store))
+        rates = matmul_rates(n, args.cores)
+        out.update(read_GBps=round(bw / 1e9, 2), matmul=rates, macs=macs,
+                   floor_read_s=round(ds.raw.nbytes / bw, 2),
+                   floor_square_s=round(macs / rates["square_2048"], 2),
+                   floor_batch8_s=round(macs / max(rates["batch8_k4096"], rates["batch8_k256"]), 2))
+        out["floor_s"] = max(out["floor_read_s"], out["floor_square_s"])
+    else:
+        out["floor_s"] = float("nan")
     out["runs"] = []
     for p in [int(v) for v in args.procs.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
@@ -257,6 +318,8 @@ def cmd_optimal(args) -> dict:
             cmd = [__file__, "optimal-worker", str(args.store), tmp, "--threads", str(threads), "--t", str(args.t)]
             if args.chunk:
                 cmd += ["--chunk", str(args.chunk)]
+            if args.profile:
+                cmd += ["--profile"]
             if p == 1:
                 cmd = [sys.executable, *cmd]
             else:
@@ -292,6 +355,73 @@ def cmd_optimal(args) -> dict:
         out["max_diff_first_values"] = max(abs(a - b) for run in out["runs"][1:] for r in run["ranks"]
                                            for a, b in zip(r["x0_first"], ref))
     out["load_after"] = load()
+    return out
+
+
+def cmd_optimal_parts(args) -> dict:
+    """Where one `optimal` call's time goes on the CPU: each stage of the per-chunk loop timed alone over the
+    first ``--images`` images of the store (chunks as the model streams them), then scaled to the whole set.
+    Stages: the store's read of the chunk (page cache dropped first: cold; then again: warm, i.e. the copy out
+    of the page cache and the block checksums), uint8 -> float conversion, squared norms, the logits product
+    ``x Y^T``, the softmax state (max, exp, sum and the product ``e Y``). One thread does everything here
+    (no read-ahead); the CPU seconds of each stage are what the real call spends on it."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from localdiff.data import load_dataset
+    from localdiff.denoisers.empirical import optimal_logits
+    from localdiff.denoisers.stream import SoftmaxState, merge
+    from localdiff.denoisers.stream.training_set import STREAMED_CHUNK_BYTES
+
+    torch.set_num_threads(args.threads)
+    ds = load_dataset(args.store)
+    K, n = len(ds), ds.dim
+    N = min(args.images, K)
+    chunk = args.chunk or max(1, STREAMED_CHUNK_BYTES // (n * 4))
+    starts = list(range(0, N, chunk))
+    buf = np.empty((chunk, *ds.shape), np.uint8)
+    x = torch.randn(8, n, generator=torch.Generator().manual_seed(0))
+    a, b2 = 0.5, 0.75
+    times: dict = {}
+
+    def timed(name, fn):
+        c, t = cpu_seconds(), time.perf_counter()
+        out = fn()
+        times[name] = {"wall_s": time.perf_counter() - t, "cpu_s": cpu_seconds() - c}
+        return out
+
+    def read_all():
+        for s in starts:
+            ds.raw.read(s, min(s + chunk, N), out=buf[:min(chunk, N - s)])
+
+    before = load()
+    drop_cache(Path(args.store))
+    timed("read cold (pread + checksums)", read_all)
+    timed("read warm (page cache copy + checksums)", read_all)
+    raw = ds.raw.read(0, chunk, out=buf)
+    y = ds._convert(raw, "cpu", torch.float32, True)
+    y_sq = (y * y).sum(dim=1)
+    reps = len(starts)
+
+    def repeat(fn):  # each result dropped at once, as in the model's loop
+        for _ in range(reps):
+            fn()
+
+    timed("convert uint8 -> float32", lambda: repeat(lambda: ds._convert(raw, "cpu", torch.float32, True)))
+    timed("squared norms", lambda: repeat(lambda: (y * y).sum(dim=1)))
+    timed("logits x Y^T", lambda: repeat(lambda: optimal_logits(x, y, y_sq, a, b2)))
+    lg = optimal_logits(x, y, y_sq, a, b2)
+    timed("softmax state (exp, e Y)", lambda: repeat(lambda: SoftmaxState.of(lg.clone(), y)))
+    st = SoftmaxState.of(lg.clone(), y)
+    timed("merge", lambda: repeat(lambda: merge(st, st)))
+    scale = K / N
+    out = {"store": str(args.store), "images_timed": N, "images_in_store": K, "chunk": chunk, "threads": args.threads,
+           "load_before": before, "load_after": load(), "scale_to_store": scale,
+           "stages": {k: {"wall_s": round(v["wall_s"] * scale, 2), "cpu_s": round(v["cpu_s"] * scale, 2)}
+                      for k, v in times.items()}}
+    compute = [k for k in times if not k.startswith("read")]
+    out["compute_wall_s"] = round(sum(times[k]["wall_s"] for k in compute) * scale, 2)
+    out["compute_cpu_s"] = round(sum(times[k]["cpu_s"] for k in compute) * scale, 2)
     return out
 
 
@@ -343,18 +473,26 @@ def main() -> None:
     o.add_argument("--t", type=int, default=500)
     o.add_argument("--chunk", type=int, default=None, help="the model's chunk option (default: its own, 4096)")
     o.add_argument("--timeout", type=int, default=900)
+    o.add_argument("--profile", action="store_true", help="also time the stages of the call (patched in)")
+    o.add_argument("--no-floor", action="store_true", help="skip the floor measurements (a repeat run)")
     ow = sub.add_parser("optimal-worker")
     ow.add_argument("store")
     ow.add_argument("out_dir")
     ow.add_argument("--threads", type=int, default=1)
     ow.add_argument("--t", type=int, default=500)
     ow.add_argument("--chunk", type=int, default=None)
+    ow.add_argument("--profile", action="store_true")
+    op = sub.add_parser("optimal-parts")
+    op.add_argument("store", type=Path)
+    op.add_argument("--images", type=int, default=100_000, help="images timed (the first ones), scaled to the store")
+    op.add_argument("--threads", type=int, default=2)
+    op.add_argument("--chunk", type=int, default=None, help="images per chunk (default: the model's, about 16 MB)")
     s = sub.add_parser("study")
     s.add_argument("store", type=Path)
     s.add_argument("--models", default=None)
     s.add_argument("--cores", type=int, default=2)
     s.add_argument("--timeout", type=int, default=900)
-    for q in (h, r, o, s):
+    for q in (h, r, o, op, s):
         q.add_argument("--json", default=None)
     args = p.parse_args()
     if args.cmd == "read-one":
@@ -365,7 +503,8 @@ def main() -> None:
         sys.path.insert(0, str(ROOT / "src"))
         optimal_worker(args)
         return
-    result = {"hash": cmd_hash, "read": cmd_read, "optimal": cmd_optimal, "study": cmd_study}[args.cmd](args)
+    result = {"hash": cmd_hash, "read": cmd_read, "optimal": cmd_optimal, "optimal-parts": cmd_optimal_parts,
+              "study": cmd_study}[args.cmd](args)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

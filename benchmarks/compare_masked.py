@@ -98,7 +98,8 @@ def main() -> None:
     print(f"sampling runs bit-identical: {same}")
     if args.runs_only:
         timesteps = []
-    print(f"{'t':>4} {'old first':>10} {'new first':>10} {'old warm':>9} {'new warm':>9}  (best of {args.rounds})")
+    else:
+        print(f"{'t':>4} {'old first':>10} {'new first':>10} {'old warm':>9} {'new warm':>9}  (best of {args.rounds})")
     for t in timesteps:
         print(f"{t:>4} " + " ".join(f"{min(res[n][m][t]):>{w}.3f}" for n, m, w in
                                     (("old", "first", 10), ("new", "first", 10), ("old", "warm", 9), ("new", "warm", 9))))
@@ -106,7 +107,7 @@ def main() -> None:
     def total(name, mode, pick):
         return sum(pick(sorted(res[name][mode][t])) for t in timesteps) if timesteps else float("nan")
 
-    for label, pick in (("best", lambda v: v[0]), ("median", lambda v: v[len(v) // 2])):
+    for label, pick in (("best", lambda v: v[0]), ("median", lambda v: v[len(v) // 2])) if timesteps else ():
         print(f"sum of per-step {label}: first calls old {total('old', 'first', pick):.2f} s, new "
               f"{total('new', 'first', pick):.2f} s; warm old {total('old', 'warm', pick):.2f} s, new "
               f"{total('new', 'warm', pick):.2f} s")
@@ -115,6 +116,10 @@ def main() -> None:
         print(f"sampling runs in the rounds (10 steps, caches cleared), best / median of {args.rounds}: " + ", ".join(
             f"{n} {min(res[n]['samples']):.2f} / {sorted(res[n]['samples'])[args.rounds // 2]:.2f} s"
             for n in ("old", "new")))
+    if args.rounds:
+        d = sorted(b - a for a, b in zip(res["old"]["samples"], res["new"]["samples"]))
+        print(f"paired per round, new - old (10-step runs): mean {sum(d) / len(d):+.2f} s, median "
+              f"{d[len(d) // 2]:+.2f} s, range [{d[0]:+.2f}, {d[-1]:+.2f}] s over {len(d)} rounds")
     print("load average (1, 5, 15 min): " + "; ".join(f"{k} {v}" for k, v in loads.items()))
     if args.json:
         summary = {f"{n}_{m}_{label}": total(n, m, pick) for n in ("old", "new") for m in ("first", "warm")

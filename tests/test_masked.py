@@ -439,3 +439,36 @@ def test_degenerate_official_masks_warn_and_sym_does_not(tmp_cache):
         warnings.simplefilter("error", RuntimeWarning)
         for t in (900, 500, 0):
             sym.masks(t)
+
+
+@pytest.mark.parametrize("normalize", ["diag", "sym"])
+@pytest.mark.parametrize("n", [1, 7, 700])
+def test_normalized_gain_in_place_equals_the_plain_formula(normalize, n):
+    """The row-blocked, in-place normalisation (what wiener_masks uses to keep one [n, n] float64 tensor) gives
+    the plain whole-matrix formula bit for bit, tiny diagonals included, and threshold_masks in place too."""
+    from localdiff.denoisers.masked import masks as M
+
+    g = torch.Generator().manual_seed(n)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    G = A @ A.T / n
+    G.diagonal()[:: 3] *= 1e-8  # some |G[m, m]| < 1e-6: replaced by 1
+    d = G.diagonal().clone()
+    d[d.abs() < M.DIAG_EPS] = 1.0
+    plain = G / d[:, None] if normalize == "diag" else G / (d.abs().sqrt()[:, None] * d.abs().sqrt()[None, :])
+    assert torch.equal(M.normalized_gain(G, normalize), plain)
+    work = G.clone()
+    got = M.normalized_gain(work, normalize, inplace=True)
+    assert got.data_ptr() == work.data_ptr() and torch.equal(got, plain)
+    masks = M.threshold_masks(plain, 0.05)
+    assert torch.equal(M.threshold_masks(got, 0.05, inplace=True), masks) and masks.any()
+    assert n == 1 or not masks.all()
+
+
+def test_normalized_gain_row_blocks_cover_every_row():
+    """More rows than one block: a matrix wide enough that a 16 MB block holds only some rows."""
+    from localdiff.denoisers.masked import masks as M
+
+    n = 2100  # 2,100 float64 columns: 998 rows per block, three blocks
+    G = torch.rand(n, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5
+    d = G.diagonal().clone()
+    assert torch.equal(M.normalized_gain(G.clone(), "diag", inplace=True), G / d[:, None])

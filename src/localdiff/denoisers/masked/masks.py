@@ -36,34 +36,42 @@ def default_tau(shape: tuple[int, int, int]) -> tuple[float, str]:
     return 0.02, "> 32 px (64 px sets): 0.02"
 
 
-def normalized_gain(G: torch.Tensor, normalize: Normalization = "diag") -> torch.Tensor:
+def normalized_gain(G: torch.Tensor, normalize: Normalization = "diag", *, inplace: bool = False) -> torch.Tensor:
     """Normalised Wiener gain [n, n]: ``G[m, i] / G[m, m]`` ("diag", the official rule: row m by its
     diagonal) or ``G[m, i] / sqrt(G[m, m] G[i, i])`` ("sym", well conditioned on near-constant pixels).
-    Diagonal entries with ``|G[m, m]| < 1e-6`` are replaced by 1, as in the official code."""
+    Diagonal entries with ``|G[m, m]| < 1e-6`` are replaced by 1, as in the official code.
+
+    ``inplace=True`` divides ``G`` itself (no second [n, n] float64 tensor: 1.2 GB at 64 px), row block by
+    row block; every entry is the same single division either way, so the values are bit for bit equal."""
+    if normalize not in ("diag", "sym"):
+        raise ConfigError(f"normalize must be one of diag, sym, got '{normalize}'")
     d = G.diagonal().clone()
     d[d.abs() < DIAG_EPS] = 1.0
-    if normalize == "diag":
-        return G / d[:, None]
-    if normalize != "sym":
-        raise ConfigError(f"normalize must be one of diag, sym, got '{normalize}'")
-    s = d.abs().sqrt()
-    return G / (s[:, None] * s[None, :])
+    s = d.abs().sqrt() if normalize == "sym" else None
+    out = G if inplace else torch.empty_like(G)
+    step = max(1, (16 << 20) // max(1, G.shape[1] * G.element_size()))  # rows of about 16 MB
+    for r in range(0, G.shape[0], step):
+        rows = slice(r, r + step)
+        den = d[rows, None] if s is None else s[rows, None] * s[None, :]
+        torch.div(G[rows], den, out=out[rows])
+    return out
 
 
-def threshold_masks(norm: torch.Tensor, tau: float) -> torch.Tensor:
+def threshold_masks(norm: torch.Tensor, tau: float, *, inplace: bool = False) -> torch.Tensor:
     """Binary masks [n, n]: ``|norm| >= tau * max|norm|`` (global maximum); column i is S_i.
-    ``tau = 0`` gives all-ones masks (every pixel sees the whole image: the optimal denoiser)."""
+    ``tau = 0`` gives all-ones masks (every pixel sees the whole image: the optimal denoiser).
+    ``inplace=True`` overwrites ``norm`` with its magnitude instead of allocating another [n, n] tensor."""
     if tau == 0:
         return torch.ones(norm.shape, dtype=torch.bool, device=norm.device)
-    mag = norm.abs()
+    mag = norm.abs_() if inplace else norm.abs()
     return mag >= tau * mag.max()
 
 
 def wiener_masks(spectrum: Spectrum, a: float, b2: float, tau: float,
                  normalize: Normalization = "diag") -> torch.Tensor:
     """Masks ``S_i(t)`` from the Wiener gain, bool [n, n] with column i = S_i (computed in float64)."""
-    G = wiener_gain(spectrum, a, b2).to(torch.float64)
-    return threshold_masks(normalized_gain(G, normalize), tau)
+    G = wiener_gain(spectrum, a, b2).to(torch.float64)  # a new tensor of this call's own: worked on in place
+    return threshold_masks(normalized_gain(G, normalize, inplace=True), tau, inplace=True)
 
 
 def masked_logits(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, a: float, b2: float,

@@ -119,7 +119,7 @@ def test_allowed_formats_decode_by_extension(tmp_path, ext, fmt):
     if fmt in ("TIFF", "BMP", "WEBP"):
         np.testing.assert_array_equal(ds.raw[0], a.transpose(2, 0, 1))
     (tmp_path / f"a{ext}").rename(tmp_path / "a.png")  # right content, wrong extension
-    with pytest.raises(DataError, match=rf"a\.png: cannot read this image: its content is not PNG"):
+    with pytest.raises(DataError, match=r"a\.png: cannot read this image: its content is not PNG"):
         load_dataset(tmp_path)
 
 

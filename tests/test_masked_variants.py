@@ -11,7 +11,6 @@ from localdiff import make_denoiser
 from localdiff.data.dataset import ImageDataset
 from localdiff.denoisers.masked.equivariant import averaged_gain
 from localdiff.denoisers.masked.soft import soft_weights
-from localdiff.denoisers.masked.masks import normalized_gain
 from localdiff.diffusion import DEFAULT_SCHEDULE as S
 from localdiff.errors import ConfigError
 

@@ -99,7 +99,7 @@ TABLE: dict[str, Entry] = {
     "pspc": Entry(fast=PATCH),
     "scfdm": Entry(fast={"num_samples": 4}, variants={
         "data": {"options": {"smoothing": "data", "sigma": 0.2}, "declares": {"single_image_exact": False}},
-        "nearest_k": {"options": {"nearest_k": 5}},
+        "nearest_k": {"options": {"nearest_k": 5}, "declares": {"closed_form_jacobian": False}},
     }),
     "linear": Entry(fast={"steps": 40, "batch_size": 16, "timesteps": LINEAR_TIMESTEPS, "progress": False},
                     declares={"fitted_timesteps": LINEAR_TIMESTEPS}),

@@ -49,7 +49,7 @@ class SmoothedClosedFormDenoiser(Denoiser):
 
     name = "scfdm"
     Config = SCFDMConfig
-    capabilities = Capabilities(single_image_exact=True)
+    capabilities = Capabilities(closed_form_jacobian=True, single_image_exact=True)
     merges_shards = True
 
     def __init__(self, data, config: SCFDMConfig, schedule=None):
@@ -57,6 +57,8 @@ class SmoothedClosedFormDenoiser(Denoiser):
         config = self.config
         if config.smoothing == "data":  # the blurred-data posterior mean moves towards x_t
             self.capabilities = dataclasses.replace(self.capabilities, single_image_exact=False)
+        if config.nearest_k is not None:  # the top-k approximation has no closed-form Jacobian
+            self.capabilities = dataclasses.replace(self.capabilities, closed_form_jacobian=False)
         if not (config.sigma >= 0 and math.isfinite(config.sigma)):
             raise ConfigError(f"{self.name}: sigma must be a finite number >= 0, got {config.sigma}")
         if config.num_samples < 1:
@@ -87,6 +89,38 @@ class SmoothedClosedFormDenoiser(Denoiser):
         B, M = x.shape[0], eps.shape[0]
         xs = (x.unsqueeze(0) + scale * eps.unsqueeze(1)).reshape(M * B, *self.shape)  # [M*B, C, H, W]
         return self.optimal.denoise(xs, level).view(M, B, *self.shape).mean(0)
+
+    def why_no_closed_form(self) -> str:
+        return f"{self.name}: nearest_k (the top-k approximation) has no closed-form Jacobian; use autograd"
+
+    def closed_form_rows(self, x_t: torch.Tensor, level: NoiseLevel, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` [Q] of ``d x0_hat / d x_t`` [B, Q, n], streamed like the denoiser (no autograd graph,
+        which would keep every training block alive: memory in K n instead of one block).
+
+        ``smoothing=score``: the perturbation does not depend on ``x_t``, so the Jacobian is the mean over the
+        M draws of the optimal denoiser's closed form at the perturbed inputs, ``(a / b2) Cov_w(y)``.
+        ``smoothing=data``: ``x0_hat = y_bar + c (x_t - a y_bar)`` with ``c = a sigma^2 / v``,
+        ``v = a^2 sigma^2 + b2`` and ``y_bar`` the softmax mean at variance v, so
+        ``J = (1 - a c) (a / v) Cov_w(y) + c I``."""
+        a, b2 = level.a, level.b2
+        x = x_t.to(self.dtype)
+        sigma = float(self.config.sigma)
+        if sigma == 0.0:
+            return self.optimal.closed_form_rows(x, level, index)
+        if self.config.smoothing == "data":
+            v = a * a * sigma * sigma + b2
+            c = a * sigma * sigma / v
+            xf = x.reshape(x.shape[0], -1)
+            state = self.optimal.fold(lambda _, y, y_sq: SoftmaxState.moments(
+                optimal_logits(xf, y, y_sq, a, v).unsqueeze(1), y, index))
+            rows = ((1.0 - a * c) * a / v) * state.covariance_rows(index)  # [B, Q, n]
+            rows[:, torch.arange(len(index), device=rows.device), index] += c
+            return rows
+        eps = self.perturbations().to(device=x.device, dtype=x.dtype)
+        scale = sigma * (a + math.sqrt(b2))
+        B, M = x.shape[0], eps.shape[0]
+        xs = (x.unsqueeze(0) + scale * eps.unsqueeze(1)).reshape(M * B, *self.shape)
+        return self.optimal.closed_form_rows(xs, level, index).view(M, B, len(index), -1).mean(0)
 
     def _data_smoothed(self, x, a, b2, sigma):
         v = a * a * sigma * sigma + b2  # variance of x_t given the component k

@@ -77,7 +77,12 @@ class SoftmaxState:
         """
         m = logits.amax(dim=-1)  # [B, R]
         e = cls.exp(logits - m.unsqueeze(-1))  # [B, R, k]
-        return cls(m, e.sum(dim=-1), e @ y, (e * y[:, index].T) @ y)
+        B, R, k = e.shape
+        # one [B R, k] @ [k, n] product each, written as 2-D products: `[B, R, k] @ [k, n]` can run as B
+        # batched products that each read all of y (measured 6x slower on the CPU for R = 1)
+        acc = (e.reshape(B * R, k) @ y).view(B, R, -1)
+        second = ((e * y[:, index].T).reshape(-1, k) @ y).view(B, len(index), -1)
+        return cls(m, e.sum(dim=-1), acc, second)
 
     def merge(self, other: "SoftmaxState") -> "SoftmaxState":
         """Combine two partial states: rescale both to the common maximum and add."""

@@ -25,3 +25,9 @@ def write_json(path: str | None, results: dict) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(results, f, indent=2)
+
+
+def print_and_write_json(path: str | None, results: dict) -> None:
+    """The results as indented JSON on stdout, and in ``path`` when given."""
+    print(json.dumps(results, indent=2))
+    write_json(path, results)

@@ -39,6 +39,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
+from _common import print_and_write_json  # noqa: E402
 
 DDIM_10 = (900, 800, 700, 600, 500, 400, 300, 200, 100, 0)
 
@@ -194,10 +195,7 @@ def main() -> None:
         q.add_argument("--json", default=None)
     args = p.parse_args()
     result = {"stats": cmd_stats, "densities": cmd_densities, "call": cmd_call}[args.cmd](args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    print_and_write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from _common import print_and_write_json
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -505,10 +506,7 @@ def main() -> None:
         return
     result = {"hash": cmd_hash, "read": cmd_read, "optimal": cmd_optimal, "optimal-parts": cmd_optimal_parts,
               "study": cmd_study}[args.cmd](args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    print_and_write_json(args.json, result)
 
 
 if __name__ == "__main__":

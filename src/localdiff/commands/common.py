@@ -118,10 +118,14 @@ def timestep_list(text: str, what: str) -> list[int]:
     (``Schedule.check_t``), with an error naming the flag ``what``."""
     from ..schedules import DEFAULT_SCHEDULE
 
+    return _checked_timesteps(DEFAULT_SCHEDULE, text, what)
+
+
+def _checked_timesteps(schedule, text: str, what: str) -> list[int]:
     out = []
     for t in int_list(text, what):
         try:
-            out.append(DEFAULT_SCHEDULE.check_t(t))
+            out.append(schedule.check_t(t))
         except ConfigError as exc:
             raise ConfigError(f"{what}: {exc}") from None
     return out
@@ -183,13 +187,7 @@ def levels_list(timesteps: str | None, sigmas: str | None, schedule, what: str =
     if not getattr(schedule, "discrete", False):
         raise ConfigError(f"the {schedule.name} schedule is continuous: give noise levels with --sigmas, e.g. "
                           "--sigmas 80,10,1,0.1")
-    out = []
-    for t in int_list(timesteps, what):
-        try:
-            out.append(schedule.check_t(t))
-        except ConfigError as exc:
-            raise ConfigError(f"{what}: {exc}") from None
-    return out
+    return _checked_timesteps(schedule, timesteps, what)
 
 
 def model_options(pairs, models) -> dict[str, dict[str, str]]:
@@ -204,6 +202,17 @@ def model_options(pairs, models) -> dict[str, dict[str, str]]:
             raise ConfigError(f"--opt names model '{model}', which is not in --models ({', '.join(models)})")
         opts[model][field.strip()] = value.strip()
     return opts
+
+
+def network_options(args, opts: dict[str, dict[str, str]]) -> None:
+    """--unet and --class-label into the options of model ``unet`` (an error if it is not among the models)."""
+    if "unet" in opts:
+        if args.unet is not None:
+            opts["unet"]["path"] = args.unet
+        if args.class_label is not None:
+            opts["unet"]["class_label"] = args.class_label
+    elif args.unet is not None:
+        raise ConfigError("--unet names the network of model unet, which is not among --models")
 
 
 def load_held_out(load_split, split: str, purpose: str):

@@ -7,8 +7,8 @@ import time
 
 from ..errors import ConfigError
 from .common import (add_data_args, add_network_args, add_sampling_args, command_line, levels_list, load_data_from_args,
-                     load_held_out, model_options, name_list, new_run_dir, sampler_from_args, schedule_from_args,
-                     versions)
+                     load_held_out, model_options, name_list, network_options, new_run_dir, sampler_from_args,
+                     schedule_from_args, versions)
 
 
 def register(subparsers) -> None:
@@ -110,13 +110,7 @@ def run(args) -> int:
     if args.samples < 0 or args.samples > args.num or args.sample_steps < 1:
         raise ConfigError(f"--samples must be between 0 and --num ({args.num}) and --sample-steps positive")
     opts = model_options(args.opt, models)
-    if "unet" in opts:
-        if args.unet is not None:
-            opts["unet"]["path"] = args.unet
-        if args.class_label is not None:
-            opts["unet"]["class_label"] = args.class_label
-    elif args.unet is not None:
-        raise ConfigError("--unet names the network of model unet, which is not among --models")
+    network_options(args, opts)
     device = resolve_device(args.device)
     if args.allow_foreign_unet:
         if "unet" not in models:

@@ -6,9 +6,8 @@ import time
 
 import numpy as np
 
-from ..errors import ConfigError
 from .common import (add_data_args, add_network_args, command_line, levels_list, load_data_from_args, load_held_out,
-                     model_options, name_list, new_run_dir, run_record, schedule_from_args, versions)
+                     model_options, name_list, network_options, new_run_dir, run_record, schedule_from_args, versions)
 
 
 def register(subparsers) -> None:
@@ -50,13 +49,7 @@ def run(args) -> int:
     schedule = schedule_from_args(args)
     timesteps = levels_list(args.timesteps, args.sigmas, schedule)
     opts = model_options(args.opt, models)
-    if "unet" in opts:
-        if args.unet is not None:
-            opts["unet"]["path"] = args.unet
-        if args.class_label is not None:
-            opts["unet"]["class_label"] = args.class_label
-    elif args.unet is not None:
-        raise ConfigError("--unet names the network of model unet, which is not among --models")
+    network_options(args, opts)
     device = resolve_device(args.device)
     with new_run_dir(args.out) as tmp:
         t0 = time.perf_counter()

@@ -175,18 +175,23 @@ def _train_batches(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _pickled_batch(path: Path, limits: ReadLimits | None, what: str, keys: str, hint: str) -> dict:
+    """A pickled batch (CIFAR-10, Downsampled ImageNet): a dict with 'data' and 'labels' (bytes keys decoded)."""
+    d = load_pickle(path, encoding="bytes", hint=hint, limits=limits)
+    if not isinstance(d, dict):
+        raise DataError(f"{path}: {what} is a dict with {keys}, found {type(d).__name__}; {hint}")
+    d = {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in d.items()}
+    if "data" not in d or "labels" not in d:
+        found = sorted(repr(k)[:40] for k in d)
+        raise DataError(f"{path}: {what} has keys {keys}, found "
+                        f"[{', '.join(found[:20])}{', ...' if len(found) > 20 else ''}]; {hint}")
+    return d
+
+
 def read_cifar_batch(path: str | Path, limits: ReadLimits | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 python batch: a dict with b'data' uint8 [N, 3072] (R, G, B planes) and b'labels'."""
     path = Path(path)
-    d = load_pickle(path, encoding="bytes", hint=_CIFAR_HINT, limits=limits)
-    if not isinstance(d, dict):
-        raise DataError(f"{path}: a CIFAR-10 batch is a dict with b'data' and b'labels', found "
-                        f"{type(d).__name__}; {_CIFAR_HINT}")
-    d = {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in d.items()}
-    if "data" not in d or "labels" not in d:
-        keys = sorted(repr(k)[:40] for k in d)
-        raise DataError(f"{path}: a CIFAR-10 batch has keys b'data' and b'labels', found "
-                        f"[{', '.join(keys[:20])}{', ...' if len(keys) > 20 else ''}]; {_CIFAR_HINT}")
+    d = _pickled_batch(path, limits, "a CIFAR-10 batch", "b'data' and b'labels'", _CIFAR_HINT)
     x = d["data"]
     if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
         desc = f"{x.dtype} array of shape {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
@@ -261,15 +266,7 @@ def imagenet_files(directory: Path, split: str) -> list[Path]:
 def read_imagenet_batch(path: str | Path, limits: ReadLimits | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One batch: images uint8 ``[N, 3, S, S]`` and labels int64 ``[N]``, 0-based (the file's 1..1000 minus 1)."""
     path = Path(path)
-    d = load_pickle(path, encoding="bytes", hint=_IMAGENET_HINT, limits=limits)
-    if not isinstance(d, dict):
-        raise DataError(f"{path}: an ImageNet batch is a dict with 'data' and 'labels', found {type(d).__name__}; "
-                        f"{_IMAGENET_HINT}")
-    d = {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in d.items()}
-    if "data" not in d or "labels" not in d:
-        keys = sorted(repr(k)[:40] for k in d)
-        raise DataError(f"{path}: an ImageNet batch has keys 'data' and 'labels', found [{', '.join(keys[:20])}]; "
-                        f"{_IMAGENET_HINT}")
+    d = _pickled_batch(path, limits, "an ImageNet batch", "'data' and 'labels'", _IMAGENET_HINT)
     x = d["data"]
     side = math.isqrt(x.shape[1] // 3) if isinstance(x, np.ndarray) and x.ndim == 2 else 0
     if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or side < 1 or x.shape[1] != 3 * side * side:

@@ -46,7 +46,7 @@ from ..patches.bank import PatchBank
 from ..stream import SoftmaxState, StreamedDenoiser, StreamOptions, merge, seeded_subset
 from ..wiener import wiener_gain
 from .masks import Normalization, normalized_gain
-from .schedule import MaskedSchedule, check_tau, check_temperature, read_masked_schedule
+from .schedule import MaskedSchedule, PerLevelTau, check_tau, check_temperature, read_masked_schedule
 
 NEGLIGIBLE = -80.0  # log-weights this far below their block's maximum are dropped (see bank_softmax)
 BANK_BLOCK = 1 << 22  # elements of the gathered patches per step while building a bank
@@ -152,7 +152,7 @@ def families_of(offsets: torch.Tensor, weights: torch.Tensor, channel: int, shap
     return fams
 
 
-class MaskedEquivariantDenoiser(StreamedDenoiser):
+class MaskedEquivariantDenoiser(PerLevelTau, StreamedDenoiser):
     """The paper's Wiener neighbourhood as one stencil per timestep, with candidate patches from every
     position of every training image at the same border configuration (module docstring)."""
 
@@ -194,13 +194,6 @@ class MaskedEquivariantDenoiser(StreamedDenoiser):
         out.update(train_images=len(self.train_set), exact=len(self.train_set) == self.num_data,
                    tau_schedule_params=self.tau_schedule.to_dict() if self.tau_schedule is not None else None)
         return out
-
-    def tau_at(self, t) -> float:
-        return self.tau_schedule.at(self.schedule.at(t))[0] if self.tau_schedule is not None else self.tau
-
-    def temperature_at(self, t) -> float:
-        return self.tau_schedule.at(self.schedule.at(t))[1] if self.tau_schedule is not None else \
-            self.config.temperature
 
     # -- stencils, families, banks ----------------------------------------------------------------
     def stencil(self, t) -> Stencil:

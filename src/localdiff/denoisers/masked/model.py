@@ -46,7 +46,7 @@ from .masks import Normalization, default_tau, masked_logits, pixels_outside_own
 from .official import (OFFICIAL_BATCH, OfficialStatistics, lost_pixels, official_alpha_bar, official_level,
                        official_masks, official_statistics, warn_lost)
 from .plan import MaskPlan, PlanPath, plan_masks
-from .schedule import MaskedSchedule, read_masked_schedule
+from .schedule import MaskedSchedule, PerLevelTau, read_masked_schedule
 
 BLOCK_ELEMENTS = 450_000  # CPU: a tile's gathered rows plus logits per block of training images (~1.8 MB)
 
@@ -75,7 +75,7 @@ class MaskedConfig(StreamOptions):
     cache: bool = True  # reuse the on-disk statistics cache
 
 
-class MaskedDenoiser(StreamedDenoiser):
+class MaskedDenoiser(PerLevelTau, StreamedDenoiser):
     """Wiener-masked local denoiser: per pixel, the exact softmax average of the training images
     restricted to the pixel's Wiener mask (docs/DESIGN.md §2.5).
 
@@ -203,16 +203,6 @@ class MaskedDenoiser(StreamedDenoiser):
         if self.official is not None:
             out["official_statistics"] = self.official.record()
         return out
-
-    # -- per-level parameters -------------------------------------------------------------------
-    def tau_at(self, t) -> float:
-        """The mask threshold used at the level ``t``: from ``tau_schedule`` (nearest listed level) or ``tau``."""
-        return self.tau_schedule.at(self.schedule.at(t))[0] if self.tau_schedule is not None else self.tau
-
-    def temperature_at(self, t) -> float:
-        """The softmax temperature used at the level ``t``: from ``tau_schedule`` or ``temperature``."""
-        return self.tau_schedule.at(self.schedule.at(t))[1] if self.tau_schedule is not None else \
-            self.config.temperature
 
     # -- masks and plans ------------------------------------------------------------------------
     def masks(self, t) -> torch.Tensor:

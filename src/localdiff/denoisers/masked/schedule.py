@@ -46,6 +46,20 @@ class MaskedSchedule:
         return {str(t): {"tau": tau, "temperature": temp} for t, (tau, temp) in sorted(self.params.items())}
 
 
+class PerLevelTau:
+    """``tau_at`` / ``temperature_at`` for a model with ``tau``, ``config.temperature``, ``tau_schedule`` (a
+    :class:`MaskedSchedule` or None) and ``schedule`` (the masked model and its equivariant variant)."""
+
+    def tau_at(self, t) -> float:
+        """The mask threshold used at the level ``t``: from ``tau_schedule`` (nearest listed level) or ``tau``."""
+        return self.tau_schedule.at(self.schedule.at(t))[0] if self.tau_schedule is not None else self.tau
+
+    def temperature_at(self, t) -> float:
+        """The softmax temperature used at the level ``t``: from ``tau_schedule`` or ``temperature``."""
+        return self.tau_schedule.at(self.schedule.at(t))[1] if self.tau_schedule is not None else \
+            self.config.temperature
+
+
 def schedule_from_mapping(doc: dict, where: str) -> MaskedSchedule:
     """``{"900": {"tau": 0.05, "temperature": 1.0}, ...}`` (a missing temperature means 1) -> schedule."""
     if not isinstance(doc, dict) or not doc:
@@ -72,5 +86,5 @@ def read_masked_schedule(path: str | Path) -> MaskedSchedule:
     return schedule_from_mapping(doc, f"tau schedule {Path(path)}")
 
 
-__all__ = ["SCHEDULE_FORMAT", "MaskedSchedule", "read_masked_schedule", "schedule_from_mapping", "check_tau",
+__all__ = ["SCHEDULE_FORMAT", "MaskedSchedule", "PerLevelTau", "read_masked_schedule", "schedule_from_mapping", "check_tau",
            "check_temperature"]

@@ -336,6 +336,46 @@ def test_scfdm_data_smoothing_is_the_gaussian_mixture_posterior_mean():
     np.testing.assert_allclose(den(x, t).numpy(), ref, atol=1e-10, rtol=0)
 
 
+def centred_posterior_rows(x, Y, a, var, index):
+    """``(a / var) Cov_w(y[index], y)`` for one flat input ``x`` [n]: the posterior covariance of the training
+    images under weights ``softmax(-||x - a y_k||^2 / (2 var))``, by the two-pass (centred) formula."""
+    logits = np.array([-((x - a * y) ** 2).sum() / (2 * var) for y in Y])
+    w = np.exp(logits - logits.max())
+    w /= w.sum()
+    C = Y - w @ Y  # [K, n] centred
+    return (a / var) * (w[:, None] * C[:, index]).T @ C  # [Q, n]
+
+
+@pytest.mark.parametrize("smoothing", ["score", "data"])
+@pytest.mark.parametrize("t", [100, 600])
+def test_scfdm_closed_form_rows_equal_the_centred_posterior_covariance(smoothing, t):
+    """The streamed closed-form Jacobian rows (blocks of 3 images) against the two-pass covariance written
+    out: score smoothing, the mean over the draws at the perturbed inputs; data smoothing,
+    ``(1 - a c) (a / v) Cov_w + c I`` at variance ``v = a^2 sigma^2 + b2``, ``c = a sigma^2 / v``."""
+    data = toy_data(K=10)
+    x = noisy(data, t)
+    sigma, M, seed = 0.3, 4, 7
+    den = make_denoiser("scfdm", data, sigma=sigma, smoothing=smoothing, num_samples=M, seed=seed, device="cpu",
+                        chunk=3)
+    index = torch.tensor([0, 7, 20, 35])
+    rows = den.jacobian_rows(x, t, index).numpy()  # [B, Q, n]
+    a, b2 = ab(t)
+    Y = train_array(data).reshape(10, -1)
+    xs = x.numpy().reshape(x.shape[0], -1)
+    for b in range(xs.shape[0]):
+        if smoothing == "score":
+            eps = torch.randn((M, *data.shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            shift = sigma * (a + math.sqrt(b2)) * eps.numpy().reshape(M, -1)
+            ref = np.mean([centred_posterior_rows(xs[b] + d, Y, a, b2, index.numpy()) for d in shift], axis=0)
+        else:
+            v = a * a * sigma * sigma + b2
+            c = a * sigma * sigma / v
+            ref = (1 - a * c) * centred_posterior_rows(xs[b], Y, a, v, index.numpy())
+            ref[np.arange(len(index)), index.numpy()] += c
+        np.testing.assert_allclose(rows[b], ref, atol=1e-10, rtol=1e-8)
+        assert np.abs(ref).max() > 1e-3  # not a trivially flat posterior
+
+
 # ------------------------------------------------------------------------------------------------
 # Autograd (sensitivity fields need it), options, schedules and calibration
 # ------------------------------------------------------------------------------------------------
